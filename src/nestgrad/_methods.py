@@ -1,0 +1,73 @@
+"""How gradients get back through a training run: one small object per method."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ._data import Batches
+
+if TYPE_CHECKING:
+    from ._train import Problem
+
+
+class Method(abc.ABC):
+    """Base class of the hypergradient methods passed as ``train(..., method=...)``.
+
+    A method receives a :class:`~nestgrad._train.Problem` and the trainable
+    initial weights, runs the training, and returns the trained weights wired
+    into autograd however it sees fit.
+    """
+
+    def batches(self, data: Any, steps: int) -> Batches:
+        """How this method reads ``data``. Methods that replay steps keep iterator batches."""
+        return Batches(data, steps)
+
+    @abc.abstractmethod
+    def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Train ``params`` for ``problem.steps`` steps and return the trained weights."""
+
+
+@dataclass(frozen=True)
+class Unroll(Method):
+    """Reverse mode through the unrolled training run (backprop through time).
+
+    Every step is recorded by autograd with ``create_graph=True``, so the
+    trained weights are an exact, differentiable function of the hyperparameters
+    and of the initial weights. Memory grows linearly with the number of
+    differentiated steps.
+
+    Args:
+        truncate: differentiate only the last ``truncate`` steps; the earlier
+            ones run as plain first-order training and are treated as constants
+            (truncated backpropagation). ``None`` differentiates every step.
+
+    Example:
+        >>> trained = nestgrad.train(loss_fn, params, opt, data, steps=100,
+        ...                          hparams=A, method=nestgrad.Unroll(truncate=20))
+    """
+
+    truncate: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.truncate
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(
+                f"nestgrad.Unroll: truncate must be None (differentiate every step) or an int >= 1; got {t!r}."
+            )
+
+    def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        differentiable = torch.is_grad_enabled()
+        first = 0 if self.truncate is None else max(problem.steps - self.truncate, 0)
+        state = problem.optimizer.init(params)
+        for t in problem.range():
+            if t == first and first > 0:  # start a fresh graph after the truncated steps
+                params = {k: v.detach().requires_grad_() for k, v in params.items()}
+            params, state = problem.step(params, state, t, create_graph=differentiable and t >= first)
+        if not differentiable or first == problem.steps:
+            return {k: v.detach() for k, v in params.items()}
+        return params

@@ -1,0 +1,210 @@
+"""``train``: a whole training run as a differentiable function."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ._data import Batches
+from ._methods import Method, Unroll
+from .optim._base import Optimizer, OptState, _check_params, _describe
+
+LossFn = Callable[[dict[str, Tensor], Any, Any], Tensor]
+
+_NOT_USED = (
+    "nestgrad.train: at step {t}, the loss does not depend on any of the trained params. "
+    "loss_fn must compute its output from the params it receives, e.g. "
+    "nestgrad.call(model, params, x), not model(x) (which uses the module's own weights)."
+)
+
+
+def hparam_leaves(tree: Any, path: str = "hparams") -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(path, tensor)`` for every leaf of a tuple/list/dict nesting of Tensors."""
+    if isinstance(tree, Tensor):
+        yield path, tree
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from hparam_leaves(v, f"{path}[{k!r}]")
+    elif isinstance(tree, (tuple, list)):
+        for i, v in enumerate(tree):
+            yield from hparam_leaves(v, f"{path}[{i}]")
+    else:
+        raise TypeError(
+            f"nestgrad.train: {path} must be a Tensor or a tuple/list/dict of Tensors; got "
+            f"{_describe(tree)}. Wrap numbers as tensors (torch.tensor(0.1, requires_grad=True)), "
+            f"or close over constants in loss_fn instead of passing them as hparams."
+        )
+
+
+def detach_tree(tree: Any) -> Any:
+    """The same nesting with every Tensor detached."""
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, Mapping):
+        return {k: detach_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(detach_tree(v) for v in tree)
+    return tree
+
+
+@dataclass
+class Problem:
+    """Everything a :class:`~nestgrad.Method` needs to run or replay a training run.
+
+    A method calls :meth:`step` (or :meth:`loss` and :meth:`grads`) for
+    ``t in range(steps)`` and decides what to keep for the backward pass.
+    """
+
+    loss_fn: LossFn
+    optimizer: Optimizer
+    batches: Batches
+    steps: int
+    hparams: Any
+    frozen: dict[str, Tensor]
+    progress: bool = False
+
+    def loss(self, params: dict[str, Tensor], t: int, hparams: Any = None, math_sdpa: bool = True) -> Tensor:
+        """The scalar training loss at step ``t``."""
+        full = {**params, **self.frozen} if self.frozen else params
+        hp = self.hparams if hparams is None else hparams
+        # Fused attention kernels have no double backward; the math kernel does.
+        context = sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext()
+        with context:
+            loss = self.loss_fn(full, self.batches(t), hp)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            got = _describe(loss)
+            raise ValueError(
+                f"nestgrad.train: loss_fn must return a scalar Tensor; at step {t} it returned {got}. "
+                f"Reduce it with .mean() or .sum() (per-example weights go inside the reduction)."
+            )
+        return loss
+
+    def grads(self, params: dict[str, Tensor], loss: Tensor, t: int, create_graph: bool) -> dict[str, Tensor | None]:
+        """Gradients of ``loss`` w.r.t. ``params``; ``None`` where it does not depend on one."""
+        if not loss.requires_grad:
+            raise RuntimeError(_NOT_USED.format(t=t))
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+        if all(g is None for g in grads):
+            raise RuntimeError(_NOT_USED.format(t=t))
+        return dict(zip(params, grads, strict=True))
+
+    def step(
+        self, params: dict[str, Tensor], state: OptState, t: int, create_graph: bool
+    ) -> tuple[dict[str, Tensor], OptState]:
+        """One optimizer step at step ``t``.
+
+        With ``create_graph`` the new weights are a differentiable function of
+        ``params``, ``state`` and the hyperparameters. Without it, the step is
+        plain first-order training and returns fresh leaves.
+        """
+        if create_graph:
+            loss = self.loss(params, t)
+            return self.optimizer.update(self.grads(params, loss, t, True), state, params)
+        params = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            loss = self.loss(params, t, detach_tree(self.hparams), math_sdpa=False)
+            grads = self.grads(params, loss, t, False)
+        with torch.no_grad():
+            return self.optimizer.update(grads, state, params)
+
+    def range(self) -> Any:
+        """``range(steps)``, with a tqdm bar when ``progress`` is set."""
+        if not self.progress:
+            return range(self.steps)
+        from tqdm.auto import tqdm
+
+        return tqdm(range(self.steps), desc="nestgrad.train", leave=False, dynamic_ncols=True)
+
+
+def train(
+    loss_fn: LossFn,
+    params: Mapping[str, Tensor],
+    optimizer: Optimizer,
+    data: Any,
+    *,
+    steps: int,
+    hparams: Any = None,
+    method: Method | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Run ``steps`` optimizer updates and return the trained weights.
+
+    The result is a differentiable function of ``hparams``, of the initial
+    ``params`` and of any Tensor hyperparameter of ``optimizer``: call
+    ``torch.autograd.grad`` (or ``.backward()``) on any loss computed from it.
+    ``method`` chooses how gradients get back through the run. Under
+    ``torch.no_grad()``, ``train`` is plain first-order training.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch, hparams) -> scalar Tensor``. It must
+            compute with the ``params`` it receives, e.g. via
+            :func:`nestgrad.call`.
+        params: initial weights, name -> Tensor, e.g.
+            ``dict(model.named_parameters())``. Tensors with
+            ``requires_grad=False`` are frozen: passed to ``loss_fn`` unchanged.
+        optimizer: a :mod:`nestgrad.optim` optimizer.
+        data: a sequence of batches (cycled), an iterator or iterable of
+            batches, or a function ``step -> batch``.
+        steps: number of updates, >= 1.
+        hparams: a Tensor or any tuple/list/dict nesting of Tensors, passed to
+            ``loss_fn`` as its third argument. Another level's trained weights
+            are a fine ``hparams``: that is how levels compose.
+        method: a :class:`~nestgrad.Method`; default :class:`~nestgrad.Unroll`.
+        progress: show a tqdm progress bar over the steps.
+
+    Returns:
+        ``dict[str, Tensor]`` with the same names as ``params``.
+
+    Example:
+        >>> def loss_fn(p, batch, A):
+        ...     x, y = batch
+        ...     losses = F.cross_entropy(nestgrad.call(model, p, x), y, reduction="none")
+        ...     return (A * losses).mean()
+        >>> trained = nestgrad.train(loss_fn, dict(model.named_parameters()),
+        ...                          nestgrad.optim.SGD(lr=0.1), [(x, y)], steps=50, hparams=A)
+        >>> val = F.cross_entropy(nestgrad.call(model, trained, x_val), y_val)
+        >>> (dA,) = torch.autograd.grad(val, A)
+    """
+    _check_params(params, "params", "nestgrad.train")
+    if not isinstance(optimizer, Optimizer):
+        hint = ""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            hint = f" Use nestgrad.optim.{type(optimizer).__name__}(...) with the same arguments."
+        raise TypeError(
+            f"nestgrad.train: optimizer must be a nestgrad.optim optimizer; got {_describe(optimizer)}.{hint}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"nestgrad.train: steps must be an int >= 1; got {steps!r}.")
+    method = Unroll() if method is None else method
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"nestgrad.train: method must be a nestgrad method object such as nestgrad.Unroll(); "
+            f"got {_describe(method)}."
+        )
+    trainable = {k: v for k, v in params.items() if v.requires_grad}
+    frozen = {k: v for k, v in params.items() if not v.requires_grad}
+    if not trainable:
+        raise ValueError(
+            "nestgrad.train: every tensor in params has requires_grad=False, so there is nothing to "
+            "train. Call .requires_grad_() on the weights to train (frozen ones may stay as they are)."
+        )
+    leaves = list(hparam_leaves(hparams)) if hparams is not None else []
+    if leaves and torch.is_grad_enabled() and not any(t.requires_grad for _, t in leaves):
+        names = ", ".join(p for p, _ in leaves[:3])
+        warnings.warn(
+            f"nestgrad.train: hparams were given ({names}) but none requires grad, so the trained "
+            f"weights cannot be differentiated with respect to them, and torch.autograd.grad(..., "
+            f"hparams) will fail. Call .requires_grad_() on them, or run under torch.no_grad() if "
+            f"you only want the trained weights.",
+            stacklevel=2,
+        )
+    problem = Problem(loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen, progress)
+    trained = method.run(problem, trainable)
+    return {k: trained[k] if k in trained else v for k, v in params.items()}
