@@ -11,12 +11,15 @@ from torch import Tensor
 from ._base import Hparam, Optimizer, Slots
 from ._ops import Ops, is_zero
 
-_EPS_ROOT_DOC = """eps_root: added to the second moment *inside* the square root,
-            :math:`\\sqrt{\\hat v + \\epsilon_{root}} + \\epsilon`. The default 0 matches
+_EPS_ROOT_DOC = r"""eps_root: added to the second moment *inside* the square root,
+            :math:`\sqrt{\hat v + \epsilon_{root}} + \epsilon`. The default 0 matches
             ``torch.optim`` exactly. When a gradient entry is exactly 0 for every step
-            so far, :math:`\\hat v = 0` and the derivative of :math:`\\sqrt{\\hat v}` is
-            infinite, so meta-gradients through this optimizer become NaN; a small
-            ``eps_root`` such as 1e-16 keeps them finite. Same meaning as in optax."""
+            so far, :math:`\hat v = 0` and the derivative of :math:`\\sqrt{\hat v}` is
+            infinite, so meta-gradients through this optimizer become NaN. A tiny
+            ``eps_root`` such as 1e-30 keeps them finite while leaving every real
+            :math:`\hat v` (and so the trajectory) unchanged; a large one such as 1e-16
+            can visibly bias meta-gradients where :math:`\hat v` is small. Same
+            meaning as in optax."""
 
 
 def _decay(ops: Ops, ps: list[Tensor], gs: list[Tensor], hp: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
