@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from optim_db import OPTIMIZERS, OptimInfo, case_id, cases
 
 import nestgrad as ng
+from optim_db import OPTIMIZERS, OptimInfo, case_id, cases
 
 STEPS = 45
 
