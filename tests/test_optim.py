@@ -180,14 +180,13 @@ def test_meta_gradient_matches_finite_differences_of_torch_optim(info, key, digi
     kwargs = _set({**_defaults(info.torch_cls), **kwargs}, key, value)
     kwargs = {k: v for k, v in kwargs.items() if k in _defaults(info.ours) and k not in ("foreach",)}
     hp = torch.tensor(float(value), requires_grad=True)
-    # A 32-example batch can leave a pixel blank, so a gradient entry can be exactly 0 and
-    # d sqrt(v)/dv infinite there: a tiny eps_root keeps the meta-gradient finite (see below).
-    ours_kwargs = {**kwargs, "eps_root": 1e-30} if "eps_root" in _defaults(info.ours) else kwargs
+    # A 32-example batch can leave a pixel blank, so a gradient entry can be exactly 0: the
+    # default eps_root keeps the meta-gradient finite there (see test_eps_root_*).
     params = {k: v.requires_grad_() for k, v in init_params().items()}
     ours = ng.train(
         lambda p, b, _: loss_of(p, b),
         params,
-        info.ours(**_set(ours_kwargs, key, hp)),
+        info.ours(**_set(kwargs, key, hp)),
         lambda t: batch(digits, t),
         steps=META_STEPS,
     )
@@ -281,3 +280,4 @@ def test_eps_root_keeps_meta_gradients_finite_when_a_gradient_is_exactly_zero(cl
     assert torch.isnan(meta_grad(0.0)), "expected the documented NaN without eps_root"
     g = meta_grad(1e-30)
     assert torch.isfinite(g) and g != 0
+    assert cls().defaults["eps_root"] == 1e-30  # the default is the safe one

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,8 +9,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .optim._base import _check_params
-
-_names: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def _tensor_names(module: nn.Module) -> frozenset[str]:
@@ -51,9 +48,10 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
             f"The order is call(module, params, *inputs)."
         )
     _check_params(params, "params", "nestgrad.call")
-    known = _names.get(module)
-    if known is None or not known.issuperset(params):
-        known = _names[module] = _tensor_names(module)
+    # Recomputed on every call (a few microseconds per layer): a cache would go stale when a
+    # submodule is replaced, and then accept names the module no longer has.
+    known = _tensor_names(module)
+    if not known.issuperset(params):
         unknown = sorted(set(params) - known)
         if unknown:
             raise KeyError(

@@ -12,13 +12,14 @@ from ._base import Hparam, Optimizer, Slots
 from ._ops import Ops, is_zero
 
 _EPS_ROOT_DOC = r"""eps_root: added to the second moment *inside* the square root,
-            :math:`\sqrt{\hat v + \epsilon_{root}} + \epsilon`. The default 0 matches
-            ``torch.optim`` exactly. When a gradient entry is exactly 0 for every step
-            so far, :math:`\hat v = 0` and the derivative of :math:`\\sqrt{\hat v}` is
-            infinite, so meta-gradients through this optimizer become NaN. A tiny
-            ``eps_root`` such as 1e-30 keeps them finite while leaving every real
-            :math:`\hat v` (and so the trajectory) unchanged; a large one such as 1e-16
-            can visibly bias meta-gradients where :math:`\hat v` is small. Same
+            :math:`\sqrt{\hat v + \epsilon_{root}} + \epsilon`. Where a gradient entry has
+            been exactly 0 at every step so far (an unused embedding row, a blank pixel),
+            :math:`\hat v = 0` and the derivative of :math:`\sqrt{\hat v}` is infinite, so
+            with ``eps_root=0`` meta-gradients through the optimizer are NaN. The default
+            1e-30 keeps them finite and exact while leaving every real :math:`\hat v`, and so
+            the trajectory, unchanged to float precision (the tests match ``torch.optim`` to
+            1e-10 with it); ``eps_root=0`` is ``torch.optim``'s formula exactly. A large value
+            such as 1e-16 visibly biases meta-gradients where :math:`\hat v` is small. Same
             meaning as in optax."""
 
 
@@ -75,7 +76,7 @@ class Adam(Optimizer):
         >>> lr = torch.tensor(1e-3, requires_grad=True)
         >>> opt = Adam(lr=lr, betas=(0.9, 0.999), eps_root=1e-16)
 
-    Matches ``torch.optim.Adam`` step for step when ``eps_root=0``.
+    Matches ``torch.optim.Adam`` step for step.
     """
 
     def __init__(
@@ -88,7 +89,7 @@ class Adam(Optimizer):
         *,
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
-        eps_root: Hparam = 0.0,
+        eps_root: Hparam = 1e-30,
         groups: Sequence[Mapping[str, Any]] | None = None,
         foreach: bool | None = None,
         **unknown: Any,
@@ -136,7 +137,7 @@ class AdamW(Adam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
-        eps_root: Hparam = 0.0,
+        eps_root: Hparam = 1e-30,
         groups: Sequence[Mapping[str, Any]] | None = None,
         foreach: bool | None = None,
         **unknown: Any,
@@ -222,7 +223,7 @@ class NAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
-        eps_root: Hparam = 0.0,
+        eps_root: Hparam = 1e-30,
         groups: Sequence[Mapping[str, Any]] | None = None,
         foreach: bool | None = None,
         **unknown: Any,
@@ -288,7 +289,7 @@ class RAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
-        eps_root: Hparam = 0.0,
+        eps_root: Hparam = 1e-30,
         groups: Sequence[Mapping[str, Any]] | None = None,
         foreach: bool | None = None,
         **unknown: Any,

@@ -41,7 +41,7 @@ class RMSprop(Optimizer):
         {eps_root}
         maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
 
-    Matches ``torch.optim.RMSprop`` when ``eps_root=0``.
+    Matches ``torch.optim.RMSprop`` step for step.
     """
 
     def __init__(
@@ -54,7 +54,7 @@ class RMSprop(Optimizer):
         centered: bool = False,
         *,
         maximize: bool = False,
-        eps_root: Hparam = 0.0,
+        eps_root: Hparam = 1e-30,
         groups: Sequence[Mapping[str, Any]] | None = None,
         foreach: bool | None = None,
         **unknown: Any,
@@ -107,7 +107,7 @@ class Adagrad(Optimizer):
         {eps_root}
         maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
 
-    Matches ``torch.optim.Adagrad`` for dense gradients when ``eps_root=0``.
+    Matches ``torch.optim.Adagrad`` step for step (dense gradients).
     """
 
     def __init__(
@@ -119,7 +119,7 @@ class Adagrad(Optimizer):
         eps: Hparam = 1e-10,
         *,
         maximize: bool = False,
-        eps_root: Hparam = 0.0,
+        eps_root: Hparam = 1e-30,
         groups: Sequence[Mapping[str, Any]] | None = None,
         foreach: bool | None = None,
         **unknown: Any,
