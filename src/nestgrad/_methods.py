@@ -32,6 +32,48 @@ class Method(abc.ABC):
         """Train ``params`` for ``problem.steps`` steps and return the trained weights."""
 
 
+class AdjointMethod(Method):
+    """Base class of methods that train without recording a graph and supply their own backward.
+
+    ``run`` trains inside a ``torch.autograd.Function`` whose inputs are the initial
+    params and :meth:`Problem.hparam_tensors`, so the result composes with anything
+    else autograd knows, including other levels trained by any other method.
+    Subclasses implement :meth:`forward` and :meth:`backward`.
+    """
+
+    def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not torch.is_grad_enabled():
+            return problem.fit(params)[0]
+        names = tuple(params)
+        outs = _Adjoint.apply(self, problem, names, *params.values(), *problem.hparam_tensors())
+        return dict(zip(names, outs, strict=True))
+
+    @abc.abstractmethod
+    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+        """Train (autograd is off) and return ``(trained_params, saved)``; ``saved`` goes to :meth:`backward`."""
+
+    @abc.abstractmethod
+    def backward(
+        self, problem: Problem, saved: Any, grads: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
+        """Given dL/d(trained params), return dL/d(initial params) and dL/d(``problem.hparam_tensors()``)."""
+
+
+class _Adjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, method: AdjointMethod, problem: Problem, names: tuple[str, ...], *tensors: Tensor) -> Any:
+        params = dict(zip(names, tensors[: len(names)], strict=True))
+        trained, saved = method.forward(problem, params)
+        ctx.run = (method, problem, names, saved)
+        return tuple(trained[k] for k in names)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        method, problem, names, saved = ctx.run
+        grad_params, grad_hparams = method.backward(problem, saved, dict(zip(names, grads, strict=True)))
+        return (None, None, None, *(grad_params.get(k) for k in names), *grad_hparams)
+
+
 @dataclass(frozen=True)
 class Unroll(Method):
     """Reverse mode through the unrolled training run (backprop through time).
@@ -67,7 +109,7 @@ class Unroll(Method):
         for t in problem.range():
             if t == first and first > 0:  # start a fresh graph after the truncated steps
                 params = {k: v.detach().requires_grad_() for k, v in params.items()}
-            params, state = problem.step(params, state, t, create_graph=differentiable and t >= first)
+            params, state, _ = problem.step(params, state, t, create_graph=differentiable and t >= first)
         if not differentiable or first == problem.steps:
             return {k: v.detach() for k, v in params.items()}
         return params

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -70,6 +72,18 @@ class Problem:
     frozen: dict[str, Tensor]
     progress: bool = False
 
+    def hparam_tensors(self) -> list[Tensor]:
+        """Every tensor a hypergradient can reach besides the initial params: the leaves of
+        ``hparams``, then the optimizer's Tensor hyperparameters."""
+        return [*pytree.tree_leaves(self.hparams), *self.optimizer.tensors()]
+
+    def with_hparam_tensors(self, tensors: Sequence[Tensor]) -> Problem:
+        """The same problem with :meth:`hparam_tensors` replaced (e.g. by fresh leaves)."""
+        leaves, spec = pytree.tree_flatten(self.hparams)
+        hparams = pytree.tree_unflatten(list(tensors[: len(leaves)]), spec)
+        optimizer = self.optimizer.with_tensors(tensors[len(leaves) :])
+        return dataclasses.replace(self, hparams=hparams, optimizer=optimizer)
+
     def loss(self, params: dict[str, Tensor], t: int, hparams: Any = None, math_sdpa: bool = True) -> Tensor:
         """The scalar training loss at step ``t``."""
         full = {**params, **self.frozen} if self.frozen else params
@@ -97,8 +111,8 @@ class Problem:
 
     def step(
         self, params: dict[str, Tensor], state: OptState, t: int, create_graph: bool
-    ) -> tuple[dict[str, Tensor], OptState]:
-        """One optimizer step at step ``t``.
+    ) -> tuple[dict[str, Tensor], OptState, Tensor]:
+        """One optimizer step at step ``t``; returns the new weights and state, and the loss (detached).
 
         With ``create_graph`` the new weights are a differentiable function of
         ``params``, ``state`` and the hyperparameters. Without it, the step is
@@ -106,13 +120,40 @@ class Problem:
         """
         if create_graph:
             loss = self.loss(params, t)
-            return self.optimizer.update(self.grads(params, loss, t, True), state, params)
+            params, state = self.optimizer.update(self.grads(params, loss, t, True), state, params)
+            return params, state, loss.detach()
         params = {k: v.detach().requires_grad_() for k, v in params.items()}
         with torch.enable_grad():
             loss = self.loss(params, t, detach_tree(self.hparams), math_sdpa=False)
             grads = self.grads(params, loss, t, False)
         with torch.no_grad():
-            return self.optimizer.update(grads, state, params)
+            params, state = self.optimizer.update(grads, state, params)
+        return params, state, loss.detach()
+
+    def fit(
+        self,
+        params: dict[str, Tensor],
+        state: OptState | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        before_step: Callable[[int, dict[str, Tensor], OptState], None] | None = None,
+        after_step: Callable[[int, Tensor], None] | None = None,
+    ) -> tuple[dict[str, Tensor], OptState]:
+        """Plain first-order training over steps ``[start, stop)``; returns detached weights and state.
+
+        ``before_step(t, params, state)`` runs before each step, e.g. to store the trajectory;
+        ``after_step(t, loss)`` after it.
+        """
+        stop = self.steps if stop is None else stop
+        state = self.optimizer.init(params) if state is None else state
+        steps = self.range() if (start, stop) == (0, self.steps) else range(start, stop)
+        for t in steps:
+            if before_step is not None:
+                before_step(t, params, state)
+            params, state, loss = self.step(params, state, t, create_graph=False)
+            if after_step is not None:
+                after_step(t, loss)
+        return {k: v.detach() for k, v in params.items()}, state
 
     def range(self) -> Any:
         """``range(steps)``, with a tqdm bar when ``progress`` is set."""

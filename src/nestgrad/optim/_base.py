@@ -10,6 +10,7 @@ the foreach or per-tensor back end.
 from __future__ import annotations
 
 import abc
+import copy
 import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +38,16 @@ class OptState(NamedTuple):
 
     step: dict[str, int]
     slots: dict[str, dict[str, Tensor]]
+
+    def tensors(self) -> list[Tensor]:
+        """The slot tensors in a fixed order (slot by slot, then parameter by parameter)."""
+        return [t for values in self.slots.values() for t in values.values()]
+
+    def with_tensors(self, tensors: Sequence[Tensor]) -> OptState:
+        """The same state with its slot tensors replaced, in the order of :meth:`tensors`."""
+        supply = iter(tensors)
+        slots = {slot: {n: next(supply) for n in values} for slot, values in self.slots.items()}
+        return OptState(dict(self.step), slots)
 
 
 _FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
@@ -169,14 +180,31 @@ class Optimizer(abc.ABC):
         return {**self.defaults, **overrides}
 
     def tensors(self) -> list[Tensor]:
-        """Every hyperparameter given as a Tensor, across all groups."""
+        """Every hyperparameter given as a Tensor, across all groups, in a fixed order."""
         out: list[Tensor] = []
         for hp in [self.defaults, *self.groups]:
             for k, v in hp.items():
-                if k == "params":
-                    continue
-                out.extend(x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, Tensor))
+                if k != "params":
+                    out.extend(x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, Tensor))
         return out
+
+    def with_tensors(self, tensors: Sequence[Tensor]) -> Optimizer:
+        """A copy whose Tensor hyperparameters are replaced, in the order of :meth:`tensors`.
+
+        Hypergradient methods use it to re-run steps with fresh leaves in place of the
+        user's tensors.
+        """
+        supply = iter(tensors)
+
+        def swap(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return tuple(swap(x) for x in v)
+            return next(supply) if isinstance(v, Tensor) else v
+
+        new = copy.copy(self)
+        new.defaults = {k: swap(v) for k, v in self.defaults.items()}
+        new.groups = [{k: v if k == "params" else swap(v) for k, v in g.items()} for g in self.groups]
+        return new
 
     def _group_index(self, name: str) -> int:
         index = self._group_of.get(name)
