@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -39,13 +39,21 @@ class AdjointMethod(Method):
     params and :meth:`Problem.hparam_tensors`, so the result composes with anything
     else autograd knows, including other levels trained by any other method.
     Subclasses implement :meth:`forward` and :meth:`backward`.
+
+    A method whose ``differentiates_params`` is False gives gradients w.r.t. the
+    hyperparameters only: the trained weights are then not connected to the initial
+    params at all, so asking autograd for that gradient raises instead of
+    returning a silent zero.
     """
+
+    differentiates_params: ClassVar[bool] = True
 
     def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
         if not torch.is_grad_enabled():
             return problem.fit(params)[0]
         names = tuple(params)
-        outs = _Adjoint.apply(self, problem, names, *params.values(), *problem.hparam_tensors())
+        given = params if self.differentiates_params else {k: v.detach() for k, v in params.items()}
+        outs = _Adjoint.apply(self, problem, names, *given.values(), *problem.hparam_tensors())
         return dict(zip(names, outs, strict=True))
 
     @abc.abstractmethod
