@@ -1,0 +1,142 @@
+"""Reverse: exact reverse mode by recomputation, against Unroll in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nestgrad as ng
+from nestgrad._data import Batches
+from nestgrad._train import Problem
+from test_train import batches, problem, val_loss, weighted_loss
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def hypergrads(method, make_opt, model=None, data=None, eval_model=None, seed=0, steps=9):
+    base, X, y = problem(seed)
+    model = model or base
+    data = data if data is not None else batches(X, y)
+    A = torch.zeros(len(X), requires_grad=True)
+    lr = torch.tensor(0.3, requires_grad=True)
+    params = dict(model.named_parameters())
+    torch.manual_seed(123)
+    out = ng.train(weighted_loss(model), params, make_opt(lr), data, steps=steps, hparams=A, method=method)
+    loss = val_loss(eval_model or model, out, X, y)
+    return torch.autograd.grad(loss, [A, lr, *params.values()])
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda lr: ng.optim.SGD(lr=lr, momentum=0.9, weight_decay=0.01),
+    "adam": lambda lr: ng.optim.Adam(lr=lr * 0.1, amsgrad=True),
+    "nadam": lambda lr: ng.optim.NAdam(lr=lr * 0.1),
+}
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("every", [None, 1, 3, 4, 9, 20])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_reverse_equals_unroll(opt, every):
+    ref = hypergrads(ng.Unroll(), OPTIMIZERS[opt])
+    ours = hypergrads(ng.Reverse(checkpoint_every=every), OPTIMIZERS[opt])
+    assert all(r.abs().max() > 0 for r in ref)
+    for a, b in zip(ours, ref):
+        assert rel(a, b) <= 1e-10
+
+
+def with_dropout(model: nn.Sequential, layer: nn.Module) -> nn.Sequential:
+    return nn.Sequential(model[0], layer, *model[1:])
+
+
+def test_dropout_replays_exactly():
+    base, _, _ = problem(0)
+    train_model = with_dropout(base, nn.Dropout(0.3))
+    eval_model = with_dropout(base, nn.Identity())  # same names, no dropout for validation
+    make = OPTIMIZERS["adam"]
+    ref = hypergrads(ng.Unroll(), make, model=train_model, eval_model=eval_model)
+    ours = hypergrads(ng.Reverse(checkpoint_every=4), make, model=train_model, eval_model=eval_model)
+    no_dropout = hypergrads(ng.Unroll(), make, model=eval_model)
+    assert rel(ref[0], no_dropout[0]) > 1e-3  # dropout really acts
+    for a, b in zip(ours, ref):
+        assert rel(a, b) <= 1e-10
+
+
+def test_changing_a_module_mode_before_backward_raises_instead_of_a_wrong_gradient():
+    base, X, y = problem(0)
+    model = with_dropout(base, nn.Dropout(0.3))
+    A = torch.zeros(len(X), requires_grad=True)
+    out = ng.train(weighted_loss(model), dict(model.named_parameters()), ng.optim.SGD(lr=0.3), batches(X, y), steps=5,
+                   hparams=A, method=ng.Reverse())  # fmt: skip
+    model.eval()
+    with pytest.raises(RuntimeError, match=r"recomputing step 4.*\.train\(\) and \.eval\(\).*nestgrad.Unroll"):
+        torch.autograd.grad(val_loss(model, out, X, y), A)
+
+
+def test_iterator_batches_are_stored_and_replayed():
+    _, X, y = problem(0)
+    make = OPTIMIZERS["sgd-momentum"]
+    ref = hypergrads(ng.Unroll(), make, data=batches(X, y) * 3, steps=9)
+    ours = hypergrads(ng.Reverse(checkpoint_every=2), make, data=iter(batches(X, y) * 3), steps=9)
+    for a, b in zip(ours, ref):
+        assert rel(a, b) <= 1e-10
+
+
+def test_memory_stores_one_checkpoint_every_k_steps():
+    model, X, y = problem(0)
+    A = torch.zeros(len(X))
+    params = dict(model.named_parameters())
+    for steps, every, expected in [(20, None, 20), (20, 5, 4), (20, 6, 4), (100, 10, 10)]:
+        prob = Problem(weighted_loss(model), ng.optim.Adam(lr=0.01), Batches(batches(X, y), steps), steps, A, {})
+        _, (checkpoints, rngs, losses) = ng.Reverse(checkpoint_every=every).forward(prob, params)
+        assert len(checkpoints) == expected == math.ceil(steps / (every or 1))
+        assert len(rngs) == len(losses) == steps
+
+
+def test_levels_compose_with_unroll():
+    """Level 1 by Reverse, level 2 by Unroll (and the other way round) equal all-Unroll."""
+    g = torch.Generator().manual_seed(5)
+    X, X2 = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g)
+    y = X @ torch.tensor([1.0, -2.0, 0.5])
+    A = torch.rand(16, generator=g).requires_grad_()
+
+    def dL_dA(m1, m2):
+        w1 = ng.train(lambda p, b, a: (a * (X @ p["w"] - y) ** 2).mean(), {"w": torch.zeros(3, requires_grad=True)},
+                      ng.optim.SGD(lr=0.1, momentum=0.5), [None], steps=6, hparams=A, method=m1)  # fmt: skip
+        w2 = ng.train(lambda q, b, w: ((torch.tanh(X2 @ q["v"]) - X2 @ w["w"]) ** 2).mean(),
+                      {"v": torch.full((3,), 0.1, requires_grad=True)}, ng.optim.Adam(lr=0.05), [None], steps=6,
+                      hparams=w1, method=m2)  # fmt: skip
+        return torch.autograd.grad(((torch.tanh(X @ w2["v"]) - y) ** 2).mean(), A)[0]
+
+    ref = dL_dA(ng.Unroll(), ng.Unroll())
+    for m1, m2 in [(ng.Reverse(), ng.Unroll()), (ng.Unroll(), ng.Reverse(2)), (ng.Reverse(3), ng.Reverse())]:
+        assert rel(dL_dA(m1, m2), ref) <= 1e-10
+
+
+def test_no_grad_is_plain_training():
+    model, X, y = problem(0)
+    params = dict(model.named_parameters())
+    opt = ng.optim.Adam(lr=0.01)
+    with torch.no_grad():
+        a = ng.train(lambda p, b, _: F.cross_entropy(ng.call(model, p, X), y), params, opt, [None], steps=4,
+                     method=ng.Reverse())  # fmt: skip
+        b = ng.train(lambda p, b, _: F.cross_entropy(ng.call(model, p, X), y), params, opt, [None], steps=4)
+    assert all(torch.equal(a[k], b[k]) and not a[k].requires_grad for k in a)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_checkpoint_every_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        ng.Reverse(checkpoint_every=bad)
