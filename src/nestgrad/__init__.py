@@ -5,10 +5,23 @@ The whole public API is listed here; implementations live in private modules.
 
 from . import optim
 from ._call import call
+from ._finite_diff import FiniteDiff
 from ._methods import AdjointMethod, Method, Unroll
 from ._reverse import Reverse
 from ._train import Problem, train
+from ._zeroth_order import ZerothOrder
 
 __version__ = "0.1.0"
 
-__all__ = ["AdjointMethod", "Method", "Problem", "Reverse", "Unroll", "call", "optim", "train"]
+__all__ = [
+    "AdjointMethod",
+    "FiniteDiff",
+    "Method",
+    "Problem",
+    "Reverse",
+    "Unroll",
+    "ZerothOrder",
+    "call",
+    "optim",
+    "train",
+]

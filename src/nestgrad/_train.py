@@ -146,8 +146,7 @@ class Problem:
         """
         stop = self.steps if stop is None else stop
         state = self.optimizer.init(params) if state is None else state
-        steps = self.range() if (start, stop) == (0, self.steps) else range(start, stop)
-        for t in steps:
+        for t in self.range(start, stop):
             if before_step is not None:
                 before_step(t, params, state)
             params, state, loss = self.step(params, state, t, create_graph=False)
@@ -155,13 +154,14 @@ class Problem:
                 after_step(t, loss)
         return {k: v.detach() for k, v in params.items()}, state
 
-    def range(self) -> Any:
-        """``range(steps)``, with a tqdm bar when ``progress`` is set."""
+    def range(self, start: int = 0, stop: int | None = None) -> Any:
+        """``range(start, stop)`` over the steps, with a tqdm bar when ``progress`` is set."""
+        steps = range(start, self.steps if stop is None else stop)
         if not self.progress:
-            return range(self.steps)
+            return steps
         from tqdm.auto import tqdm
 
-        return tqdm(range(self.steps), desc="nestgrad.train", leave=False, dynamic_ncols=True)
+        return tqdm(steps, desc="nestgrad.train", leave=False, dynamic_ncols=True)
 
 
 def train(
