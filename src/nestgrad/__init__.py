@@ -6,19 +6,28 @@ The whole public API is listed here; implementations live in private modules.
 from . import optim
 from ._call import call
 from ._finite_diff import FiniteDiff
+from ._implicit import Implicit
 from ._methods import AdjointMethod, Method, Unroll
 from ._reverse import Reverse
+from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Neumann, Solution
 from ._train import Problem, train
 from ._zeroth_order import ZerothOrder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CG",
     "AdjointMethod",
+    "ConvergenceWarning",
     "FiniteDiff",
+    "FixedPoint",
+    "Implicit",
+    "LinearSolver",
     "Method",
+    "Neumann",
     "Problem",
     "Reverse",
+    "Solution",
     "Unroll",
     "ZerothOrder",
     "call",
