@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import nestgrad as ng
-from nestgrad._finite_diff import FiniteDiff, _KeepLast
+from nestgrad._data import Batches
+from nestgrad._finite_diff import FiniteDiff
 
 
 @pytest.fixture(autouse=True)
@@ -170,7 +171,8 @@ def test_iterator_batches_and_loss_randomness_are_replayed():
 
 
 def test_only_the_last_batch_of_an_iterator_is_kept():
-    b = _KeepLast(iter(range(10)), steps=5)
+    b = FiniteDiff().batches(iter(range(10)), steps=5)
+    assert isinstance(b, Batches)
     assert [b(t) for t in range(5)] == [0, 1, 2, 3, 4]
     assert b.seen == {4: 4}
     assert b(4) == 4

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -20,10 +20,11 @@ class Batches:
     (a ``DataLoader``) are re-iterated when an epoch ends; iterators are read
     once and raise a clear error when they run out before ``steps``; callables
     are called with ``t``. Batches from iterators are remembered when ``keep``
-    is set, so that a method can replay them.
+    is True, or for the steps in ``keep`` when it is a collection of steps, so
+    that a method can read them again after training.
     """
 
-    def __init__(self, data: Any, steps: int, keep: bool = False) -> None:
+    def __init__(self, data: Any, steps: int, keep: bool | Container[int] = False) -> None:
         self.steps = steps
         self.keep = keep
         self.seen: dict[int, Any] = {}
@@ -58,7 +59,7 @@ class Batches:
         if t in self.seen:
             return self.seen[t]
         batch = self._next(t)
-        if self.keep:
+        if self.keep is True or (not isinstance(self.keep, bool) and t in self.keep):
             self.seen[t] = batch
         return batch
 

@@ -11,26 +11,12 @@ from torch import Tensor
 
 from ._data import Batches
 from ._methods import AdjointMethod
-from ._reverse import replay_rng, rng_state
+from ._rng import replay_rng, rng_state
 from ._train import detach_tree
 from .optim._base import OptState
 
 if TYPE_CHECKING:
     from ._train import Problem
-
-
-class _KeepLast(Batches):
-    """Batches that remember the last step's batch, so that it can be read again after training.
-
-    Only the last step is replayed, so unlike ``Batches(keep=True)`` an iterator's
-    other batches are not kept alive for the whole run.
-    """
-
-    def __call__(self, t: int) -> Any:
-        batch = super().__call__(t)
-        if t == self.steps - 1:
-            self.seen[t] = batch
-        return batch
 
 
 @dataclass(frozen=True)
@@ -96,7 +82,7 @@ class FiniteDiff(AdjointMethod):
             raise ValueError(f"nestgrad.FiniteDiff: eps must be a finite float > 0 (DARTS uses 0.01); got {e!r}.")
 
     def batches(self, data: Any, steps: int) -> Batches:
-        return _KeepLast(data, steps)
+        return Batches(data, steps, keep={steps - 1})
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
         t = problem.steps - 1

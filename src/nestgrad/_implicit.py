@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._data import Batches
 from ._methods import AdjointMethod
-from ._reverse import RngState, replay_rng, rng_state
+from ._rng import RngState, replay_rng, rng_state
 from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Solution, explain
 from .optim._base import Optimizer, OptState
 from .optim._ops import is_zero
@@ -50,26 +50,6 @@ _NOT_CONVERGED = (
     "{distance:.3g}. If raising the solver's budget does not help, train longer (more steps, or a smaller "
     "learning rate) so that the trained weights are one."
 )
-
-
-class _KeepLast(Batches):
-    """Batches that also remember the last step's batch, which defines the optimality condition.
-
-    Iterators are read once, so the batch of the last step would otherwise be gone by the
-    time the backward pass needs it.
-    """
-
-    def __init__(self, data: Any, steps: int) -> None:
-        super().__init__(data, steps)
-        self._last: tuple[Any] | None = None
-
-    def __call__(self, t: int) -> Any:
-        if t == self.steps - 1 and self._last is not None:
-            return self._last[0]
-        batch = super().__call__(t)
-        if t == self.steps - 1:
-            self._last = (batch,)
-        return batch
 
 
 @dataclass(frozen=True)
@@ -166,7 +146,7 @@ class Implicit(AdjointMethod):
             raise TypeError(_NOT_A_SOLVER.format(got=got, hint=hint))
 
     def batches(self, data: Any, steps: int) -> Batches:
-        return _KeepLast(data, steps)
+        return Batches(data, steps, keep={steps - 1})
 
     @property
     def _fixed_point(self) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._data import Batches
 from ._methods import AdjointMethod
-from ._reverse import replay_rng, rng_state
+from ._rng import replay_rng, rng_state
 
 if TYPE_CHECKING:
     from ._train import Problem
