@@ -140,3 +140,33 @@ def test_no_grad_is_plain_training():
 def test_checkpoint_every_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="checkpoint_every"):
         ng.Reverse(checkpoint_every=bad)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda h: ng.optim.Rprop(lr=h), lambda h: ng.optim.Adagrad(lr=0.1, initial_accumulator_value=h)],
+    ids=["rprop-lr", "adagrad-initial-accumulator"],
+)
+def test_hparams_that_shape_the_initial_state_get_their_gradient(make):
+    model, X, y = problem(2)
+    params = dict(model.named_parameters())
+
+    def grad(method):
+        h = torch.tensor(0.05, requires_grad=True)
+        out = ng.train(lambda p, b, _: F.cross_entropy(ng.call(model, p, X), y), params, make(h), [None], steps=5,
+                       method=method)  # fmt: skip
+        return torch.autograd.grad(val_loss(model, out, X, y), h)[0]
+
+    ref = grad(ng.Unroll())
+    assert ref.abs() > 1e-6
+    assert rel(grad(ng.Reverse(checkpoint_every=2)), ref) <= 1e-10
+
+
+def test_second_derivatives_through_an_adjoint_method_raise():
+    model, X, y = problem(0)
+    A = torch.zeros(len(X), requires_grad=True)
+    out = ng.train(weighted_loss(model), dict(model.named_parameters()), ng.optim.SGD(lr=0.3), batches(X, y), steps=3,
+                   hparams=A, method=ng.Reverse())  # fmt: skip
+    (g,) = torch.autograd.grad(val_loss(model, out, X, y), A, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|not have been used in the graph"):
+        torch.autograd.grad(g.sum(), A)

@@ -6,6 +6,7 @@ The whole public API is listed here; implementations live in private modules.
 from . import optim
 from ._call import call
 from ._finite_diff import FiniteDiff
+from ._forward import Forward
 from ._implicit import Implicit
 from ._methods import AdjointMethod, Method, Unroll
 from ._reverse import Reverse
@@ -21,6 +22,7 @@ __all__ = [
     "ConvergenceWarning",
     "FiniteDiff",
     "FixedPoint",
+    "Forward",
     "Implicit",
     "LinearSolver",
     "Method",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._data import Batches
 
@@ -76,6 +77,7 @@ class _Adjoint(torch.autograd.Function):
         return tuple(trained[k] for k in names)
 
     @staticmethod
+    @once_differentiable  # methods give first derivatives; a second one must raise, not be silently wrong
     def backward(ctx: Any, *grads: Tensor) -> Any:
         method, problem, names, saved = ctx.run
         grad_params, grad_hparams = method.backward(problem, saved, dict(zip(names, grads, strict=True)))

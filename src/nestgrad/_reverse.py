@@ -96,6 +96,14 @@ class Reverse(AdjointMethod):
                 p, s = segment.pop(t)
                 grad_p, grad_s, grad_hp, loss = _vjp(live, t, rngs[t], p, s, grad_p, grad_s, wanted, grad_hp)
                 _check_replay(t, loss, losses[t])
+        if grad_s is not None and wanted:  # hyperparameters that shape the initial state (Rprop's lr, ...)
+            with torch.enable_grad():
+                init = [x for x in live.optimizer.init(checkpoints[0][0]).tensors()]
+                pairs = [(x, g) for x, g in zip(init, grad_s, strict=True) if g is not None and x.requires_grad]
+                if pairs:
+                    outs, cots = zip(*pairs, strict=True)
+                    got = torch.autograd.grad(outs, wanted, cots, allow_unused=True)
+                    grad_hp = [a if b is None else b if a is None else a + b for a, b in zip(grad_hp, got, strict=True)]
         supply = iter(grad_hp)
         return grad_p, [next(supply) if h.requires_grad else None for h in originals]
 

@@ -75,13 +75,17 @@ class Problem:
     def hparam_tensors(self) -> list[Tensor]:
         """Every tensor a hypergradient can reach besides the initial params: the leaves of
         ``hparams``, then the optimizer's Tensor hyperparameters."""
-        return [*pytree.tree_leaves(self.hparams), *self.optimizer.tensors()]
+        leaves = [] if self.hparams is None else pytree.tree_leaves(self.hparams)
+        return [*leaves, *self.optimizer.tensors()]
 
     def with_hparam_tensors(self, tensors: Sequence[Tensor]) -> Problem:
         """The same problem with :meth:`hparam_tensors` replaced (e.g. by fresh leaves)."""
-        leaves, spec = pytree.tree_flatten(self.hparams)
-        hparams = pytree.tree_unflatten(list(tensors[: len(leaves)]), spec)
-        optimizer = self.optimizer.with_tensors(tensors[len(leaves) :])
+        if self.hparams is None:
+            hparams, n = None, 0
+        else:
+            leaves, spec = pytree.tree_flatten(self.hparams)
+            hparams, n = pytree.tree_unflatten(list(tensors[: len(leaves)]), spec), len(leaves)
+        optimizer = self.optimizer.with_tensors(tensors[n:])
         return dataclasses.replace(self, hparams=hparams, optimizer=optimizer)
 
     def loss(self, params: dict[str, Tensor], t: int, hparams: Any = None, math_sdpa: bool = True) -> Tensor:
