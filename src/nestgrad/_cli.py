@@ -1,0 +1,67 @@
+"""The ``nestgrad`` console script: a thin argparse front end.
+
+Each subcommand is a function that takes the parsed arguments and returns an
+exit code; the work itself lives in library modules (``nestgrad._demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import _demo
+
+    results = _demo.run(steps=args.steps, seed=args.seed, out=args.out, progress=True)
+    print(_demo.format_table(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nestgrad`` argument parser, with one subparser per subcommand."""
+    from . import __version__
+    from ._demo import DEFAULT_OUT, DEFAULT_STEPS
+
+    parser = argparse.ArgumentParser(
+        prog="nestgrad",
+        description="nestgrad: differentiate through training runs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="learn to clean 50%% noisy labels on scikit-learn's digits",
+        description=(
+            "Data hyper-cleaning on scikit-learn's bundled digits: 1000 training images with 50% of "
+            "labels flipped, one learned weight per image, tuned by hypergradients of the loss on 300 "
+            "clean validation images through nestgrad.train. Prints test accuracy against three "
+            "baselines and the F1 of the weights at spotting flipped labels, and saves a figure."
+        ),
+    )
+    demo.add_argument(
+        "--steps", type=_positive_int, default=DEFAULT_STEPS, help="outer (hypergradient) steps (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data split, label noise and model initialization (default: %(default)s)",
+    )
+    demo.add_argument("--out", default=DEFAULT_OUT, help="directory for the figure (default: %(default)s)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nestgrad`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
