@@ -283,6 +283,8 @@ def test_empty_and_exhausted_data_are_rejected():
         ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), iter([None, None]), steps=5)
     with pytest.raises(TypeError, match=r"single Tensor.*data=\[batch\]"):
         ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), torch.ones(3), steps=1)
+    with pytest.raises(TypeError, match=r"tuple of Tensors \(\(4, 2\), \(4,\)\).*data=\[\(x, y\)\]"):
+        ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), (torch.ones(4, 2), torch.ones(4)), steps=1)
 
 
 @pytest.mark.parametrize("steps", [0, -1, 2.5, True])

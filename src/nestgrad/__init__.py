@@ -3,7 +3,7 @@
 The whole public API is listed here; implementations live in private modules.
 """
 
-from . import optim
+from . import higher, optim
 from ._call import call
 from ._finite_diff import FiniteDiff
 from ._forward import Forward
@@ -11,7 +11,7 @@ from ._implicit import Implicit
 from ._methods import AdjointMethod, Method, Unroll
 from ._reverse import Reverse
 from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Neumann, Solution
-from ._train import Problem, train
+from ._train import LossFn, Problem, train
 from ._zeroth_order import ZerothOrder
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "Forward",
     "Implicit",
     "LinearSolver",
+    "LossFn",
     "Method",
     "Neumann",
     "Problem",
@@ -33,6 +34,7 @@ __all__ = [
     "Unroll",
     "ZerothOrder",
     "call",
+    "higher",
     "optim",
     "train",
 ]

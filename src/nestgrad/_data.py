@@ -38,6 +38,13 @@ class Batches:
             )
         if isinstance(data, (str, bytes, Mapping)):
             raise TypeError(f"nestgrad.train: data is a {type(data).__name__}; if it is one batch, pass [data]. {_HOW}")
+        if isinstance(data, tuple) and data and all(isinstance(x, Tensor) for x in data):
+            shapes = ", ".join(str(tuple(x.shape)) for x in data)
+            raise TypeError(
+                f"nestgrad.train: data is a tuple of Tensors ({shapes}), which reads like one batch (x, y) "
+                f"but would be taken as {len(data)} batches of one Tensor each. For one batch every step, "
+                f"pass data=[(x, y)]; for several batches, pass a list of them."
+            )
         if isinstance(data, Sequence):
             if len(data) == 0:
                 raise ValueError(f"nestgrad.train: data is an empty {type(data).__name__}. {_HOW}")
