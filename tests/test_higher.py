@@ -179,7 +179,8 @@ def test_bert_hidden_states_are_intact() -> None:
         out = fmodel(ids, output_hidden_states=True)
         assert len(out.hidden_states) == model.config.num_hidden_layers + 1
         for ours, ref in zip(out.hidden_states, expected):
-            torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+            # fmodel uses the math attention kernel (it has a double backward); model() the fused one.
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
         diffopt.step(out.last_hidden_state.pow(2).mean())
         after = fmodel(ids, output_hidden_states=True).hidden_states
         assert len(after) == model.config.num_hidden_layers + 1
