@@ -403,3 +403,39 @@ def test_iterator_batches_are_consumed_exactly_steps_times():
     params, _ = simple()
     ng.train(lambda p, b, h: (p["w"] * b).sum() ** 2, params, ng.optim.SGD(lr=0.01), it, steps=4)
     assert next(it) == 4
+
+
+@pytest.mark.parametrize(
+    "method",
+    [ng.Unroll(), ng.Reverse(), ng.Implicit(solver=ng.CG(max_steps=5))],
+    ids=["unroll", "reverse", "implicit"],
+)
+def test_a_cut_path_raises_disconnected_error_naming_the_op_and_line(method):
+    A = torch.randn(8, 3, requires_grad=True)
+    x = torch.randn(8, 2)
+
+    def loss_fn(p, batch, a):
+        labels = a.argmax(dim=1)  # the only path from A: cut
+        return F.cross_entropy(x @ p["w"], labels)
+
+    params = {"w": torch.zeros(2, 3, requires_grad=True)}
+    with pytest.raises(ng.DisconnectedError, match=r"(?s)argmax at .*test_train.py:\d+.*ZerothOrder") as err:
+        out = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [None], steps=3, hparams=A, method=method)
+        torch.autograd.grad(out["w"].sum(), A)  # adjoint methods find out in their backward pass
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_no_path_check_for_zeroth_order_no_grad_or_detached_hparams():
+    A = torch.randn(8, 3, requires_grad=True)
+    x = torch.randn(8, 2)
+
+    def loss_fn(p, batch, a):
+        return F.cross_entropy(x @ p["w"], a.argmax(dim=1))
+
+    params = {"w": torch.zeros(2, 3, requires_grad=True)}
+    opt = ng.optim.SGD(lr=0.1)
+    ng.train(loss_fn, params, opt, [None], steps=2, hparams=A, method=ng.ZerothOrder(samples=2, sigma=0.1))
+    with torch.no_grad():
+        ng.train(loss_fn, params, opt, [None], steps=2, hparams=A)
+    with pytest.warns(UserWarning, match="none requires grad"):
+        ng.train(loss_fn, params, opt, [None], steps=2, hparams=A.detach())

@@ -5,6 +5,8 @@ The whole public API is listed here; implementations live in private modules.
 
 from . import higher, optim
 from ._call import call
+from ._check import CheckResult, check
+from ._explain import DisconnectedError, PartialPathWarning, PathReport, explain, tracking
 from ._finite_diff import FiniteDiff
 from ._forward import Forward
 from ._implicit import Implicit
@@ -19,7 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CG",
     "AdjointMethod",
+    "CheckResult",
     "ConvergenceWarning",
+    "DisconnectedError",
     "FiniteDiff",
     "FixedPoint",
     "Forward",
@@ -28,13 +32,18 @@ __all__ = [
     "LossFn",
     "Method",
     "Neumann",
+    "PartialPathWarning",
+    "PathReport",
     "Problem",
     "Reverse",
     "Solution",
     "Unroll",
     "ZerothOrder",
     "call",
+    "check",
+    "explain",
     "higher",
     "optim",
+    "tracking",
     "train",
 ]

@@ -24,6 +24,9 @@ class Method(abc.ABC):
     into autograd however it sees fit.
     """
 
+    #: Whether ``train`` checks that the hparams reach the loss, raising DisconnectedError if not.
+    needs_path: ClassVar[bool] = True
+
     def batches(self, data: Any, steps: int) -> Batches:
         """How this method reads ``data``. Methods that replay steps keep iterator batches."""
         return Batches(data, steps)

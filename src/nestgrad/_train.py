@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._data import Batches
+from ._explain import require_path
 from ._methods import Method, Unroll
 from .optim._base import Optimizer, OptState, _check_params, _describe
 
@@ -56,6 +57,11 @@ def detach_tree(tree: Any) -> Any:
     return tree
 
 
+def _attention(math_sdpa: bool) -> contextlib.AbstractContextManager[Any]:
+    # Fused attention kernels have no double backward; the math kernel has one.
+    return sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext()
+
+
 @dataclass
 class Problem:
     """Everything a :class:`~nestgrad.Method` needs to run or replay a training run.
@@ -71,6 +77,7 @@ class Problem:
     hparams: Any
     frozen: dict[str, Tensor]
     progress: bool = False
+    check_path: bool = False  # check once that the hparams reach the loss (see ``loss``)
 
     def hparam_tensors(self) -> list[Tensor]:
         """Every tensor a hypergradient can reach besides the initial params: the leaves of
@@ -92,16 +99,26 @@ class Problem:
         """The scalar training loss at step ``t``."""
         full = {**params, **self.frozen} if self.frozen else params
         hp = self.hparams if hparams is None else hparams
-        # Fused attention kernels have no double backward; the math kernel does.
-        context = sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext()
-        with context:
-            loss = self.loss_fn(full, self.batches(t), hp)
+        batch = self.batches(t)
+        with _attention(math_sdpa):
+            loss = self.loss_fn(full, batch, hp)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             got = _describe(loss)
             raise ValueError(
                 f"nestgrad.train: loss_fn must return a scalar Tensor; at step {t} it returned {got}. "
                 f"Reduce it with .mean() or .sum() (per-example weights go inside the reduction)."
             )
+        if self.check_path and hparams is None and torch.is_grad_enabled():
+            # Once per run, on the first loss computed from the live hparams: one graph walk when
+            # the path exists; when it does not, loss_fn runs again under a tracker to say where
+            # it was cut, and DisconnectedError is raised instead of a silent zero later.
+            self.check_path = False
+
+            def rerun(h: Any) -> Tensor:
+                with _attention(math_sdpa):
+                    return self.loss_fn(full, batch, h)
+
+            require_path(loss, self.hparams, rerun)
         return loss
 
     def grads(self, params: dict[str, Tensor], loss: Tensor, t: int, create_graph: bool) -> dict[str, Tensor | None]:
@@ -250,6 +267,7 @@ def train(
             f"you only want the trained weights.",
             stacklevel=2,
         )
-    problem = Problem(loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen, progress)
+    check = bool(leaves) and torch.is_grad_enabled() and method.needs_path and any(t.requires_grad for _, t in leaves)
+    problem = Problem(loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen, progress, check)
     trained = method.run(problem, trainable)
     return {k: trained[k] if k in trained else v for k, v in params.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -91,6 +91,7 @@ class ZerothOrder(AdjointMethod):
     antithetic: bool = True
     seed: int | None = None
     differentiates_params = False
+    needs_path: ClassVar[bool] = False  # it estimates through cut paths: that is what it is for
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
