@@ -1,16 +1,19 @@
-"""``nestgrad demo``: data hyper-cleaning on scikit-learn's digits."""
+"""``nestgrad demo``: data hyper-cleaning on digits (``--levels 2``) and teacher->student (``--levels 3``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from nestgrad import _cli, _demo
+import nestgrad as ng
+from nestgrad import _cli, _demo, _demo3
 
 
 def test_load_data_split_and_exactly_half_the_labels_flipped():
@@ -117,3 +120,98 @@ def test_full_demo_meets_its_targets(tmp_path: Path):
     assert acc["nestgrad"] >= 0.94, _demo.format_table(results)
     assert results["detection"]["f1"] >= 0.95, _demo.format_table(results)
     assert acc["nestgrad"] > acc["val_only"], _demo.format_table(results)
+
+
+# ------------------------------------------------------------------ --levels 3
+def test_three_level_hypergradient_matches_finite_differences_through_both_training_runs():
+    data = _demo.load_data(seed=1)
+    pipe = _demo3.Pipeline(_demo3.TEACHER, _demo3.STUDENT, seed=1)
+
+    def student_val_loss(logits: torch.Tensor) -> torch.Tensor:
+        x, y, w = _demo.inner_data(data, torch.sigmoid(logits))
+        trained = pipe.student_of(data, x, y, w, normalize=False)
+        return F.cross_entropy(ng.call(pipe.student, trained, data.x_val), data.y_val)
+
+    logits = torch.full((1000,), math.log(0.3 / 0.7), requires_grad=True)
+    (grad,) = torch.autograd.grad(student_val_loss(logits), logits)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # Raising the weight of a flipped example makes the teacher's labels, hence the student, worse.
+    assert grad[data.flipped].mean() > 0 > grad[~data.flipped].mean()
+    eps = 0.05
+    with torch.no_grad():
+        for direction in (data.flipped.float(), (~data.flipped).float()):
+            numeric = (student_val_loss(logits + eps * direction) - student_val_loss(logits - eps * direction)) / (
+                2 * eps
+            )
+            assert (grad * direction).sum().item() == pytest.approx(numeric.item(), rel=0.05)
+
+
+def test_three_level_run_few_steps(tmp_path: Path):
+    results = _demo3.run(steps=4, seed=0, out=tmp_path / "out", progress=False)
+
+    weights, flipped = results["weights"], results["flipped"]
+    assert weights.shape == (1000,) and int(flipped.sum()) == 500
+    # After a few outer steps the flipped examples already weigh less than the clean ones.
+    assert weights[flipped].mean() < weights[~flipped].mean() - 0.2
+    # The hypergradient of the student's validation loss w.r.t. the weight logits is finite and nonzero.
+    grad = results["first_grad"]
+    assert grad.shape == (1000,) and torch.isfinite(grad).all() and grad.abs().max() > 0
+    # The outer loop lowers the student's validation loss.
+    assert len(results["val_loss"]) == len(results["test_accuracy"]) == 4
+    assert results["val_loss"][-1] < results["val_loss"][0]
+
+    acc = results["accuracy"]
+    assert set(acc) == {"noisy", "val_only", "oracle", "nestgrad"}
+    assert all(0.0 <= a <= 1.0 for a in acc.values())
+    assert acc["oracle"] > acc["noisy"]
+
+    figure = results["figure"]
+    assert figure == tmp_path / "out" / _demo3.FIGURE_NAME
+    assert figure.stat().st_size > 10_000
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = _demo3.format_table(results)
+    for row in ("noisy", "val_only", "oracle", "nestgrad", "F1", "Wall time", "teacher", "student"):
+        assert row in table
+
+
+def test_three_level_run_rejects_zero_steps(tmp_path: Path):
+    with pytest.raises(ValueError, match="steps"):
+        _demo3.run(steps=0, out=tmp_path, progress=False)
+
+
+def test_cli_levels_picks_the_demo_and_its_default_steps(monkeypatch: pytest.MonkeyPatch, capsys):
+    parser = _cli.build_parser()
+    assert parser.parse_args(["demo"]).levels == 2
+    assert parser.parse_args(["demo", "--levels", "3"]).levels == 3
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.main(["demo", "--levels", "4"])
+    assert exit_info.value.code == 2
+
+    calls = []
+    for module in (_demo, _demo3):
+        monkeypatch.setattr(module, "run", lambda module=module, **kw: calls.append((module, kw["steps"])) or {})
+        monkeypatch.setattr(module, "format_table", lambda results: "table")
+    for argv in (
+        ["demo"],
+        ["demo", "--levels", "3"],
+        ["demo", "--levels", "3", "--steps", "7"],
+        ["demo", "--steps", "7"],
+    ):
+        assert _cli.main(argv) == 0
+    assert calls == [(_demo, _demo.DEFAULT_STEPS), (_demo3, _demo3.DEFAULT_STEPS), (_demo3, 7), (_demo, 7)]
+
+
+def test_cli_three_level_demo_runs_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert _cli.main(["demo", "--levels", "3", "--steps", "2", "--seed", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "student" in out and "val_only" in out and "F1" in out
+    assert (tmp_path / _demo3.FIGURE_NAME).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_full_three_level_demo_beats_the_student_of_the_unweighted_teacher(tmp_path: Path):
+    results = _demo3.run(out=tmp_path, progress=False)
+    acc = results["accuracy"]
+    assert acc["nestgrad"] > acc["noisy"], _demo3.format_table(results)
+    assert results["detection"]["f1"] >= 0.9, _demo3.format_table(results)

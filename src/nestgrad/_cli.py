@@ -17,11 +17,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from . import _demo
+class _StepsAction(argparse.Action):
+    """Store ``--steps`` and remember that it was given, so that ``--levels 3`` can pick its own default."""
 
-    results = _demo.run(steps=args.steps, seed=args.seed, out=args.out, progress=True)
-    print(_demo.format_table(results))
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.steps_given = True
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.levels == 3:
+        from . import _demo3 as demo
+
+        steps = args.steps if getattr(args, "steps_given", False) else demo.DEFAULT_STEPS
+    else:
+        from . import _demo as demo  # type: ignore[no-redef]
+
+        steps = args.steps
+    results = demo.run(steps=steps, seed=args.seed, out=args.out, progress=True)
+    print(demo.format_table(results))
     return 0
 
 
@@ -29,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``nestgrad`` argument parser, with one subparser per subcommand."""
     from . import __version__
     from ._demo import DEFAULT_OUT, DEFAULT_STEPS
+    from ._demo3 import DEFAULT_STEPS as DEFAULT_STEPS_3
 
     parser = argparse.ArgumentParser(
         prog="nestgrad",
@@ -44,11 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
             "Data hyper-cleaning on scikit-learn's bundled digits: 1000 training images with 50% of "
             "labels flipped, one learned weight per image, tuned by hypergradients of the loss on 300 "
             "clean validation images through nestgrad.train. Prints test accuracy against three "
-            "baselines and the F1 of the weights at spotting flipped labels, and saves a figure."
+            "baselines and the F1 of the weights at spotting flipped labels, and saves a figure. "
+            "With --levels 3 the weights scale a teacher's training loss, a student trains on the teacher's "
+            "soft labels, and the weights follow the student's clean validation loss through both training runs."
         ),
     )
     demo.add_argument(
-        "--steps", type=_positive_int, default=DEFAULT_STEPS, help="outer (hypergradient) steps (default: %(default)s)"
+        "--levels",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="2: the weights train one classifier; 3: they train a teacher whose soft labels train a student, "
+        "and the hypergradient runs through both training runs (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_positive_int,
+        action=_StepsAction,
+        default=DEFAULT_STEPS,
+        help=f"outer (hypergradient) steps (default: %(default)s, or {DEFAULT_STEPS_3} with --levels 3)",
     )
     demo.add_argument(
         "--seed",
