@@ -166,3 +166,12 @@ def test_main_argmax_only_with_zeroth_order(capsys: pytest.CaptureFixture[str]) 
 def test_main_argmax_only_with_exact_method_exits_with_explanation() -> None:
     with pytest.raises(SystemExit, match="argmax"):
         sp.main(["--outer-steps", "1", "--variant", "argmax-only"])
+
+
+@pytest.mark.parametrize("name", ["unroll/unroll", "reverse/reverse"])
+def test_ng_check_passes_on_the_seed_pipeline(pipeline, name: str) -> None:
+    """The built-in check (autograd vs central differences in random directions) agrees."""
+    m1, m2 = EXACT_PAIRS[name]
+    result = ng.check(lambda a: sp.run(pipeline, a, m1(), m2())[0], pipeline.A.detach().clone(), directions=2)
+    assert result.verdict == "passed", str(result)
+    assert result.max_error <= 1e-6
