@@ -75,7 +75,10 @@ class Forward(AdjointMethod):
     :math:`u`, the step's vector-Jacobian product :math:`g(u) = J^\top u` is built with a
     graph, and :math:`J v = \partial_u \langle g(u), v \rangle` is one more backward pass,
     taken for many directions :math:`v` at once (``is_grads_batched``). This works
-    wherever double backward works. It was chosen over ``torch.autograd.forward_ad`` and
+    wherever double backward works. (One torch 2.13 gap: ``F.cross_entropy`` on (N, C, d)
+    logits, the 2-D NLL loss, raises "grad_input must be contiguous" in this double backward;
+    flatten to (N·d, C) logits and (N·d,) targets, which gives the same loss.) It was chosen
+    over ``torch.autograd.forward_ad`` and
     ``torch.func.jvp``, which need a forward-mode formula for every backward op: on
     torch 2.13 forward-over-reverse fails through ``F.mse_loss`` (``"ZeroTensors are
     immutable"``, pytorch#123996) and ``F.huber_loss`` (no formula for
