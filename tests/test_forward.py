@@ -497,3 +497,30 @@ def test_many_hparams_and_steps_equal_reverse():
         grads.append(torch.autograd.grad(val_loss(model, trained, X, y), [A, lr]))
     for a, b in zip(*grads):
         assert_close(a, b)
+
+
+def test_2d_nll_loss_gap_in_torch_is_explained():
+    """torch 2.13 cannot double-backward the 2-D NLL loss with Forward's cotangents: say how to flatten."""
+    torch.manual_seed(0)
+    w = {"w": torch.randn(4, 3, requires_grad=True)}
+    x = torch.randn(2, 5, 4)
+    labels = torch.randint(0, 3, (2, 5))
+    a = torch.ones(2, requires_grad=True)
+
+    def seq_loss(p, batch, a):
+        logits = x @ p["w"]  # (N, d, C)
+        return (a[:, None] * F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")).mean()
+
+    def flat_loss(p, batch, a):
+        logits = x @ p["w"]
+        per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        return (a[:, None] * per_token).mean()
+
+    opt = ng.optim.SGD(lr=0.1)
+    with pytest.raises(RuntimeError, match=r"flatten\(0, 1\)"):
+        ng.train(seq_loss, w, opt, [None], steps=2, hparams=a, method=Forward())
+    out = ng.train(flat_loss, w, opt, [None], steps=2, hparams=a, method=Forward())
+    ref = ng.train(flat_loss, w, opt, [None], steps=2, hparams=a)
+    (g,) = torch.autograd.grad(out["w"].pow(2).sum(), a)
+    (g_ref,) = torch.autograd.grad(ref["w"].pow(2).sum(), a)
+    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)

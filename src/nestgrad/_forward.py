@@ -247,14 +247,19 @@ def _tangents(
                 pairs.append((vjp, _unit_directions(h, a, b, start, stop)))
         if not pairs:
             continue
-        got = torch.autograd.grad(
-            [v for v, _ in pairs],
-            dummies,
-            [d for _, d in pairs],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        try:
+            got = torch.autograd.grad(
+                [v for v, _ in pairs],
+                dummies,
+                [d for _, d in pairs],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError as err:
+            if "grad_input must be contiguous" not in str(err):
+                raise
+            raise RuntimeError(_NLL_2D) from err
         for i, g in zip(live, got, strict=True):
             if g is None:
                 continue
@@ -263,6 +268,16 @@ def _tangents(
                 full = result[i] = g.new_zeros((count, *g.shape[1:]))
             full[start:stop] = g
     return result
+
+
+_NLL_2D = (
+    "nestgrad.Forward: torch 2.13 has no double backward for the 2-D NLL loss with the "
+    'cotangents Forward uses ("grad_input must be contiguous"). It comes from '
+    "F.cross_entropy / F.nll_loss on (N, C, d) logits, e.g. logits.transpose(1, 2) of a "
+    "sequence model. Flatten the tokens instead, which gives the same loss: "
+    "F.cross_entropy(logits.flatten(0, 1), labels.flatten()). Or use nestgrad.Unroll() or "
+    "nestgrad.Reverse()."
+)
 
 
 def _unit_directions(h: Tensor, a: int, b: int, start: int, stop: int) -> Tensor:
