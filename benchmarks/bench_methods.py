@@ -35,7 +35,7 @@ re-measures ``Unroll`` and ``Reverse`` at T=100 and ``Forward`` at T=10 and 100 
 
 Usage::
 
-    python benchmarks/bench_methods.py                     # T = 10, 100, 1000: about 12 CPU-minutes
+    python benchmarks/bench_methods.py                     # T = 10, 100, 1000: about 13 minutes on 2 cores
     python benchmarks/bench_methods.py --steps 10,100      # about 4 CPU-minutes
     python benchmarks/bench_methods.py --quick             # T=10, 2 rounds: smoke test
     python benchmarks/bench_methods.py --methods unroll,reverse --steps 100
