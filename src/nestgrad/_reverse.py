@@ -57,24 +57,15 @@ class Reverse(AdjointMethod):
         return Batches(data, steps, keep=True)
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
-        every = self.checkpoint_every or 1
-        checkpoints: dict[int, tuple[dict[str, Tensor], OptState]] = {}
-        rngs: list[RngState] = []
-        losses: list[Tensor] = []
-
-        def before_step(t: int, p: dict[str, Tensor], state: OptState) -> None:
-            if t % every == 0:
-                checkpoints[t] = ({k: v.detach() for k, v in p.items()}, state)
-            rngs.append(rng_state())
-
-        trained, _ = problem.fit(params, before_step=before_step, after_step=lambda t, loss: losses.append(loss))
-        return trained, (checkpoints, rngs, losses)
+        trajectory = _Trajectory(problem.steps, self.checkpoint_every or 1)
+        trained, _ = problem.fit(params, before_step=trajectory.save, after_step=trajectory.save_loss)
+        return trained, trajectory
 
     def backward(
         self, problem: Problem, saved: Any, grads: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
-        checkpoints, rngs, losses = saved
-        every = self.checkpoint_every or 1
+        trajectory: _Trajectory = saved
+        every = trajectory.every
         originals = problem.hparam_tensors()
         leaves = [h.detach().requires_grad_(h.requires_grad) for h in originals]
         live = problem.with_hparam_tensors(leaves)
@@ -82,23 +73,23 @@ class Reverse(AdjointMethod):
         grad_hp: list[Tensor | None] = [None] * len(wanted)
         grad_p: dict[str, Tensor | None] = dict(grads)
         grad_s: list[Tensor | None] | None = None  # None: the final state does not reach the loss
-        for start in sorted(checkpoints, reverse=True):
+        for start in reversed(range(0, problem.steps, every)):
             stop = min(start + every, problem.steps)
-            p, s = checkpoints[start]
+            p, s = trajectory.checkpoint(start)
             segment = {start: (p, s)}
             for t in range(start, stop - 1):  # recompute the states inside the segment
-                with replay_rng(rngs[t]), torch.no_grad():
+                with replay_rng(trajectory.rng(t)), torch.no_grad():
                     p, s, loss = problem.step(p, s, t, create_graph=False)
                     p = {k: v.detach() for k, v in p.items()}
-                _check_replay(t, loss, losses[t])
+                _check_replay(t, loss, trajectory.losses[t])
                 segment[t + 1] = (p, s)
             for t in reversed(range(start, stop)):
                 p, s = segment.pop(t)
-                grad_p, grad_s, grad_hp, loss = _vjp(live, t, rngs[t], p, s, grad_p, grad_s, wanted, grad_hp)
-                _check_replay(t, loss, losses[t])
+                grad_p, grad_s, grad_hp, loss = _vjp(live, t, trajectory.rng(t), p, s, grad_p, grad_s, wanted, grad_hp)
+                _check_replay(t, loss, trajectory.losses[t])
         if grad_s is not None and wanted:  # hyperparameters that shape the initial state (Rprop's lr, ...)
             with torch.enable_grad():
-                init = [x for x in live.optimizer.init(checkpoints[0][0]).tensors()]
+                init = live.optimizer.init(trajectory.checkpoint(0)[0]).tensors()
                 pairs = [(x, g) for x, g in zip(init, grad_s, strict=True) if g is not None and x.requires_grad]
                 if pairs:
                     outs, cots = zip(*pairs, strict=True)
@@ -106,6 +97,55 @@ class Reverse(AdjointMethod):
                     grad_hp = [a if b is None else b if a is None else a + b for a, b in zip(grad_hp, got, strict=True)]
         supply = iter(grad_hp)
         return grad_p, [next(supply) if h.requires_grad else None for h in originals]
+
+
+class _Trajectory:
+    """Checkpoints, RNG states and losses of a run, in buffers allocated once, at step 0.
+
+    Keeping one small tensor per step alive between each step's large, short-lived
+    activations fragments the heap: glibc then holds 3-6 times the bytes stored. One
+    buffer per tensor, written in place, does not.
+    """
+
+    def __init__(self, steps: int, every: int) -> None:
+        self.steps, self.every = steps, every
+        self.buffers: list[Tensor] = []
+        self.names: list[str] = []
+        self.template: OptState | None = None
+        self.counts: dict[int, dict[str, int]] = {}
+        self.rngs = torch.empty(0, dtype=torch.uint8)
+        self.cuda: list[list[Tensor]] = []
+        self.losses = torch.empty(steps, dtype=torch.float64)
+
+    def save(self, t: int, params: dict[str, Tensor], state: OptState) -> None:
+        cpu, cuda = rng_state()
+        tensors = [*params.values(), *state.tensors()]
+        if t == 0:
+            n = -(-self.steps // self.every)
+            self.buffers = [x.new_empty((n, *x.shape)) for x in tensors]
+            self.names, self.template = list(params), state
+            self.rngs = cpu.new_empty((self.steps, cpu.numel()))
+        if t % self.every == 0:
+            for buffer, x in zip(self.buffers, tensors, strict=True):
+                buffer[t // self.every].copy_(x)
+            self.counts[t] = dict(state.step)
+        self.rngs[t].copy_(cpu)
+        self.cuda.append(cuda)
+
+    def save_loss(self, t: int, loss: Tensor) -> None:
+        if t == 0:
+            self.losses = loss.new_empty(self.steps)
+        self.losses[t] = loss
+
+    def checkpoint(self, t: int) -> tuple[dict[str, Tensor], OptState]:
+        assert self.template is not None
+        values = [buffer[t // self.every] for buffer in self.buffers]
+        n = len(self.names)
+        state = self.template.with_tensors(values[n:])
+        return dict(zip(self.names, values[:n], strict=True)), OptState(self.counts[t], state.slots)
+
+    def rng(self, t: int) -> RngState:
+        return self.rngs[t].clone(), self.cuda[t]  # a clone: set_rng_state on a row view crashes
 
 
 def _vjp(
