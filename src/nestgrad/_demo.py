@@ -351,8 +351,19 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Save the two-panel figure: learned weights by true label status, and test accuracy over outer steps."""
+def plot(
+    results: dict[str, Any],
+    path: Path,
+    *,
+    weight_label: str = "learned example weight",
+    curve_label: str = "inner model of each outer step",
+    baseline_label: str = "{name}",
+    accuracy_label: str = "test accuracy",
+) -> None:
+    """Save the two-panel figure: learned weights by true label status, and test accuracy over outer steps.
+
+    The labels let the three-level demo reuse it for its student.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -365,22 +376,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.hist(weights[~flipped], bins=bins, alpha=0.7, label=f"clean label ({(~flipped).sum()})", color="tab:blue")
     left.hist(weights[flipped], bins=bins, alpha=0.7, label=f"flipped label ({flipped.sum()})", color="tab:red")
     left.axvline(results["threshold"], color="black", linestyle=":", linewidth=1, label="threshold")
-    left.set(xlabel="learned example weight", ylabel="training examples", yscale="log")
+    left.set(xlabel=weight_label, ylabel="training examples", yscale="log")
     left.set_title(f"Learned weights (F1 {results['detection']['f1']:.3f} at spotting flipped labels)")
     left.legend()
 
     acc = results["accuracy"]
     steps = np.arange(1, len(results["test_accuracy"]) + 1)
-    right.plot(
-        steps, np.array(results["test_accuracy"]) * 100, color="tab:green", label="inner model of each outer step"
-    )
+    right.plot(steps, np.array(results["test_accuracy"]) * 100, color="tab:green", label=curve_label)
     styles = {"oracle": ("tab:purple", "--"), "val_only": ("tab:orange", "--"), "noisy": ("tab:red", "--")}
     for name, (color, style) in styles.items():
-        right.axhline(acc[name] * 100, color=color, linestyle=style, label=f"{name} {acc[name]:.1%}")
+        label = f"{baseline_label.format(name=name)} {acc[name]:.1%}"
+        right.axhline(acc[name] * 100, color=color, linestyle=style, label=label)
     right.plot(
         [steps[-1]], [acc["nestgrad"] * 100], "o", color="tab:green", label=f"nestgrad, retrained {acc['nestgrad']:.1%}"
     )
-    right.set(xlabel="outer step", ylabel="test accuracy (%)", title="Test accuracy over outer steps")
+    title = f"{accuracy_label[0].upper()}{accuracy_label[1:]} over outer steps"
+    right.set(xlabel="outer step", ylabel=f"{accuracy_label} (%)", title=title)
     right.legend(loc="lower right")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import nestgrad as ng
 
+from . import _demo
 from ._demo import (
     DEFAULT_OUT,
     THRESHOLD,
@@ -236,35 +236,14 @@ def format_table(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Save the two-panel figure: learned weights by true label status, student test accuracy over outer steps."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    weights, flipped = results["weights"].numpy(), results["flipped"].numpy()
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-
-    bins = np.linspace(0, 1, 41)
-    left.hist(weights[~flipped], bins=bins, alpha=0.7, label=f"clean label ({(~flipped).sum()})", color="tab:blue")
-    left.hist(weights[flipped], bins=bins, alpha=0.7, label=f"flipped label ({flipped.sum()})", color="tab:red")
-    left.axvline(results["threshold"], color="black", linestyle=":", linewidth=1, label="threshold")
-    left.set(xlabel="learned weight of the teacher's example", ylabel="training examples", yscale="log")
-    left.set_title(f"Learned weights (F1 {results['detection']['f1']:.3f} at spotting flipped labels)")
-    left.legend()
-
-    acc = results["accuracy"]
-    steps = np.arange(1, len(results["test_accuracy"]) + 1)
-    right.plot(steps, np.array(results["test_accuracy"]) * 100, color="tab:green", label="student of each outer step")
-    styles = {"oracle": ("tab:purple", "--"), "val_only": ("tab:orange", "--"), "noisy": ("tab:red", "--")}
-    for name, (color, style) in styles.items():
-        right.axhline(acc[name] * 100, color=color, linestyle=style, label=f"student of {name} teacher {acc[name]:.1%}")
-    right.plot(
-        [steps[-1]], [acc["nestgrad"] * 100], "o", color="tab:green", label=f"nestgrad, retrained {acc['nestgrad']:.1%}"
+    _demo.plot(
+        results,
+        path,
+        weight_label="learned weight of the teacher's example",
+        curve_label="student of each outer step",
+        baseline_label="student of {name} teacher",
+        accuracy_label="student test accuracy",
     )
-    right.set(xlabel="outer step", ylabel="student test accuracy (%)", title="Student test accuracy over outer steps")
-    right.legend(loc="lower right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
 
 
 def run(
