@@ -27,11 +27,14 @@ fresh subprocess (``--one``) that measures the peak memory (``VmHWM`` reset thro
 no in-process round runs (T=1000 by default), the time is that single fresh-process run.
 Hypergradients are compared with the exact one (``Unroll`` with the same hyperparameters).
 
-Allocator check: glibc's malloc raises its mmap threshold at run time, after which the
-MLP's activations come from a heap that fragments when a method keeps small blocks alive
-between steps (``Reverse``); the peaks then vary from run to run. The script therefore
-re-measures ``Unroll`` and ``Reverse`` at T=100 and ``Forward`` at T=10 and 100 with
-``MALLOC_MMAP_THRESHOLD_`` fixed (``--mmap-threshold`` applies that to every fresh process).
+Memory: two peaks per method and T, both in a fresh process (``--one``). The *tensor* peak
+is the most bytes held by torch tensors during the call, above those held before it, read
+from the allocation events of torch's profiler: what the method itself keeps, exact and the
+same in every run. The targets are checked on it. The *RSS* peak is what the operating
+system saw; it adds the C allocator's free-but-unreleased memory. glibc's malloc raises its
+mmap threshold at run time, after which the MLP's 1 MiB activations come from a heap that
+fragments, so RSS peaks vary from run to run (``--mmap-threshold`` fixes the threshold in
+the fresh processes, which removes most of that).
 
 Usage::
 
@@ -200,11 +203,31 @@ def hypergradient(s: Setup, cw: Tensor, variant: Variant, k: int, count: bool = 
 
 
 # --------------------------------------------------------------------- memory
-def measure_one(name: str, steps: int, k: int, save: str | None) -> dict[str, Any]:
-    """Peak RSS increase and time of one call of variant ``name``, in this (fresh) process.
+def tensor_peak(fn: Callable[[], Any]) -> float:
+    """The peak of the bytes held by torch tensors while ``fn()`` runs, above those held before it, in MiB.
 
-    As in ``bench_unroll.py``: the baseline is the RSS after the imports, the setup and a
-    one-step warm-up of the same variant, with the peak (VmHWM) reset to it.
+    It is read from the allocation and free events of torch's profiler (``profile_memory``):
+    exact, the same in every run, and independent of the C allocator under torch.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def measure_one(name: str, steps: int, k: int, save: str | None) -> dict[str, Any]:
+    """Peak memory and time of one call of variant ``name``, in this (fresh) process.
+
+    Two calls: the first is timed and gives the peak RSS; as in ``bench_unroll.py``, its
+    baseline is the RSS after the imports, the setup and a one-step warm-up of the same
+    variant, with the peak (VmHWM) reset to it. The second runs under torch's profiler and
+    gives the peak of the tensors' bytes (:func:`tensor_peak`).
     """
     variant = BY_NAME[name]
     s = make_setup(steps)
@@ -218,7 +241,10 @@ def measure_one(name: str, steps: int, k: int, save: str | None) -> dict[str, An
     if save:
         torch.save(run.grad, save)
     out = {f.name: getattr(run, f.name) for f in dataclasses.fields(run) if f.name != "grad"}
-    return {**out, "peak_mib": max(peak - before, 0) / 1024, "hwm_reset": reset}
+    del run
+    gc.collect()
+    tensors = tensor_peak(lambda: hypergradient(s, cw, variant, k))
+    return {**out, "peak_mib": max(peak - before, 0) / 1024, "hwm_reset": reset, "tensor_mib": tensors}
 
 
 def measure_memory(
@@ -227,7 +253,7 @@ def measure_memory(
     """Run :func:`measure_one` in a fresh interpreter; its hypergradient is saved to ``save`` if given.
 
     ``mmap_threshold`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` in that process, which also turns
-    off glibc's dynamic raising of the threshold (see :func:`allocator_check`).
+    off glibc's dynamic raising of the threshold.
     """
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps), "--solver-steps", str(k)]
     if save:
@@ -266,8 +292,13 @@ class Result:
 
     @property
     def peak(self) -> float | None:
-        """Peak memory in MiB (fresh process), or None."""
+        """Peak RSS increase in MiB (fresh process), or None."""
         return self.fresh.get("peak_mib")
+
+    @property
+    def tensors(self) -> float | None:
+        """Peak of the tensors' bytes in MiB (fresh process, torch's profiler), or None."""
+        return self.fresh.get("tensor_mib")
 
 
 def run_steps(
@@ -301,7 +332,11 @@ def run_steps(
                 res.fresh = measure_memory(v.name, steps, k, path, mmap_threshold)
                 if res.grad is None and os.path.exists(path):
                     res.grad = torch.load(path)
-                shown = f"{res.peak:.0f} MiB, {res.fresh['cpu']:.2f}s CPU" if res.peak is not None else res.fresh
+                shown = (
+                    f"{res.tensors:.1f} MiB tensors, {res.peak:.0f} MiB RSS, {res.fresh['cpu']:.2f}s CPU"
+                    if res.peak is not None
+                    else res.fresh
+                )
                 print(f"T={steps} fresh process: {v.name}: {shown}", flush=True)
     print()
     return results
@@ -346,7 +381,8 @@ def print_tables(all_results: dict[int, dict[str, Result]], variants: list[Varia
     for title, cell in (
         ("CPU seconds of train + hypergradient (median)", lambda r: _fmt(r.median(1), ".2f")),
         ("Wall-clock seconds of train + hypergradient (median)", lambda r: _fmt(r.median(0), ".2f")),
-        ("Peak memory of train + hypergradient (MiB, fresh process)", lambda r: _fmt(r.peak, ".0f")),
+        ("Peak tensor memory of train + hypergradient (MiB held by torch tensors)", lambda r: _fmt(r.tensors, ".1f")),
+        ("Peak RSS increase of train + hypergradient (MiB, fresh process)", lambda r: _fmt(r.peak, ".0f")),
     ):
         print(f"### {title}\n")
         print(head)
@@ -356,9 +392,9 @@ def print_tables(all_results: dict[int, dict[str, Result]], variants: list[Varia
             print(f"| {v.label} | {HPARAMS[v.hparams]} | {cells} |")
         print()
     print("### Details\n")
-    print("| T | Method | Timed runs | CPU s | CPU x Unroll | Backward CPU s | Peak MiB | Memory x Unroll "
-          "| Backward gradient passes | Solver steps (result) | Rel. error vs exact | Cosine |")  # fmt: skip
-    print("|--:|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|")
+    print("| T | Method | Timed runs | CPU s | CPU x Unroll | Backward CPU s | Tensor MiB | Memory x Unroll "
+          "| RSS MiB | Backward gradient passes | Solver steps (result) | Rel. error vs exact | Cosine |")  # fmt: skip
+    print("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|")
     for t in steps:
         res = all_results[t]
         for v in variants:
@@ -367,20 +403,25 @@ def print_tables(all_results: dict[int, dict[str, Result]], variants: list[Varia
             n = len(r.runs) or (1 if "cpu" in r.fresh else 0)
             where = f"{n}" if r.runs else f"{n} (fresh process)"
             cpu_ratio = _ratio(r.median(1), ref.median(1) if ref else None)
-            mem_ratio = _ratio(r.peak, ref.peak if ref else None)
+            mem_ratio = _ratio(r.tensors, ref.tensors if ref else None)
             err, cos = rel_error(r.grad, ref.grad if ref else None)
             st, result = solver_of(r)
             solver = "" if st is None else f"{st} ({result})"
             passes = passes_of(r)
             cells = [
                 str(t), v.label, where, _fmt(r.median(1), ".3f"), _fmt(cpu_ratio, ".2f"), _fmt(r.median(2), ".3f"),
-                _fmt(r.peak, ".0f"), _fmt(mem_ratio, ".3f"), "n/a" if passes is None else str(passes), solver,
+                _fmt(r.tensors, ".1f"), _fmt(mem_ratio, ".3f"), _fmt(r.peak, ".0f"),
+                "n/a" if passes is None else str(passes), solver,
                 _fmt(err, ".2e"), _fmt(cos, ".4f"),
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |")
     print()
     print(f"- k = {k} solver iterations. CPU x Unroll and Memory x Unroll compare with `Unroll()` on the same "
-          f"hyperparameters (per-example, or per-class for `Forward`).")  # fmt: skip
+          f"hyperparameters (per-example, or per-class for `Forward`); memory: of the tensor peaks.")  # fmt: skip
+    print("- Tensor MiB: the peak of the bytes held by torch tensors during the call, above those held before it, "
+          "from the allocation events of torch's profiler: what the method itself keeps, exact and the same in "
+          "every run. RSS MiB: the peak resident-set increase of the process, which adds the C allocator's free "
+          "but unreleased memory; with glibc's default malloc it varies from run to run (see the README).")  # fmt: skip
     print("- Backward gradient passes: `torch.autograd.grad` calls inside the hypergradient's backward pass "
           "(each a gradient, Hessian- or Jacobian-vector product through one step's graph).")  # fmt: skip
     print("- Rel. error vs exact: `||g - g_Unroll|| / ||g_Unroll||` at the same T; for Implicit, FiniteDiff and "
@@ -417,57 +458,7 @@ def reverse_memory_model(steps: list[int]) -> None:
     print()
 
 
-FIXED_MMAP_THRESHOLD = 128 * 1024  # glibc's default initial threshold, held fixed
-# (T, method) pairs re-measured with the fixed threshold: the two memory targets.
-ALLOCATOR_CHECK = ((100, "unroll"), (100, "reverse"), (100, "reverse-sqrt"), (10, "forward"), (100, "forward"))
-Check = dict[tuple[int, str], dict[str, Any]]
-
-
-def allocator_check(variants: list[Variant], steps_list: list[int], k: int) -> Check:
-    """Peak memory of Unroll, Reverse and Forward again, with glibc's mmap threshold fixed at 128 KiB.
-
-    Only the pairs of :data:`ALLOCATOR_CHECK` whose T is among ``steps_list`` run.
-
-    glibc serves allocations above the mmap threshold (initially 128 KiB) with their own
-    ``mmap``, returned to the system when freed; but the first time such a block is freed it
-    raises the threshold to that block's size, so from then on the MLP's 1 MiB activations come
-    from the heap. Reverse then interleaves blocks it keeps (the stored weights, an RNG state and
-    a loss per step) with the activations it frees, and the heap fragments: the RSS grows by
-    several times what is stored, by a different amount in every run; every method's peak varies
-    somewhat from run to run. Setting ``MALLOC_MMAP_THRESHOLD_`` fixes the threshold (about
-    1.4-1.7x more CPU time here, for the mmap calls and page faults), which shows the memory the
-    method itself needs.
-    """
-    names = {v.name for v in variants}
-    out: Check = {}
-    for steps, name in ALLOCATOR_CHECK:
-        if name not in names or steps not in steps_list:
-            continue
-        out[steps, name] = got = measure_memory(name, steps, k, mmap_threshold=FIXED_MMAP_THRESHOLD)
-        shown = f"{got['peak_mib']:.0f} MiB" if "peak_mib" in got else got
-        print(f"T={steps} fresh process, MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD}: {name}: {shown}", flush=True)
-    print()
-    return out
-
-
-def print_allocator_check(all_results: dict[int, dict[str, Result]], check: Check) -> None:
-    """The allocator check against the default-allocator peaks."""
-    print("### Allocator check: peak memory with glibc's defaults vs a fixed mmap threshold\n")
-    print(f"| T | Method | Default glibc malloc (MiB) | MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD} (MiB) "
-          f"| CPU s, default | CPU s, fixed threshold |")  # fmt: skip
-    print("|--:|---|--:|--:|--:|--:|")
-    for (steps, name), fixed in check.items():
-        res = all_results.get(steps, {}).get(name)
-        default = res.peak if res else None
-        cpu_default = res.fresh.get("cpu") if res else None
-        print(f"| {steps} | {BY_NAME[name].label} | {_fmt(default, '.0f')} | {_fmt(fixed.get('peak_mib'), '.0f')} | "
-              f"{_fmt(cpu_default, '.2f')} | {_fmt(fixed.get('cpu'), '.2f')} |")  # fmt: skip
-    print("\nOne fresh-process run each. With the default allocator the peaks vary from run to run (heap "
-          "fragmentation, worst for Reverse); with the fixed threshold they are what the method keeps plus one "
-          "step's graph.\n")  # fmt: skip
-
-
-def report_targets(all_results: dict[int, dict[str, Result]], k: int, check: Check | None = None) -> None:
+def report_targets(all_results: dict[int, dict[str, Result]], k: int) -> None:
     """Check the three targets (reported, not asserted)."""
     print("## Targets (reported, not asserted; times are CPU medians)\n")
 
@@ -476,36 +467,33 @@ def report_targets(all_results: dict[int, dict[str, Result]], k: int, check: Che
 
     # 1. Reverse against Unroll at T=100.
     rev, unr = get(100, "reverse"), get(100, "unroll")
-    if rev is None or unr is None or rev.peak is None or unr.peak is None:
+    if rev is None or unr is None or rev.tensors is None or unr.tensors is None:
         print("- Reverse <= 0.15x Unroll's peak memory and <= 1.6x its time at T=100: not measured")
     else:
-        mem, cpu, wall = rev.peak / unr.peak, _ratio(rev.median(1), unr.median(1)), _ratio(rev.median(0), unr.median(0))
+        mem = rev.tensors / unr.tensors
+        cpu, wall = _ratio(rev.median(1), unr.median(1)), _ratio(rev.median(0), unr.median(0))
         ok = mem <= 0.15 and cpu is not None and cpu <= 1.6
-        print(f"- Reverse at T=100: memory {rev.peak:.0f} / {unr.peak:.0f} MiB = {mem:.3f}x Unroll (target <= 0.15), "
-              f"time {_fmt(cpu, '.2f')}x CPU ({_fmt(wall, '.2f')}x wall) (target <= 1.6) -> "
+        print(f"- Reverse at T=100: tensor memory {rev.tensors:.1f} / {unr.tensors:.1f} MiB = {mem:.3f}x Unroll "
+              f"(target <= 0.15), time {_fmt(cpu, '.2f')}x CPU ({_fmt(wall, '.2f')}x wall) (target <= 1.6) -> "
               f"{'met' if ok else 'MISSED'}")  # fmt: skip
-        fixed_rev, fixed_unr = (check or {}).get((100, "reverse"), {}), (check or {}).get((100, "unroll"), {})
-        if "peak_mib" in fixed_rev and "peak_mib" in fixed_unr:
-            ratio = fixed_rev["peak_mib"] / fixed_unr["peak_mib"]
-            print(f"  - with MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD} (no heap fragmentation): "
-                  f"{fixed_rev['peak_mib']:.0f} / {fixed_unr['peak_mib']:.0f} MiB = {ratio:.3f}x Unroll -> "
-                  f"{'met' if ratio <= 0.15 else 'MISSED'} on memory")  # fmt: skip
+        if rev.peak is not None and unr.peak:
+            ratio = rev.peak / unr.peak
+            print(f"  - peak RSS: {rev.peak:.0f} / {unr.peak:.0f} MiB = {ratio:.3f}x (one fresh run each)")
 
     # 2. Forward's memory flat in T.
-    fwd_lo, fwd_hi = get(10, "forward"), get(1000, "forward")
-    if fwd_lo is None or fwd_hi is None or fwd_lo.peak is None or fwd_hi.peak is None:
+    fwd = {t: get(t, "forward") for t in (10, 100, 1000)}
+    lo, hi = fwd[10], fwd[1000] or fwd[100]
+    if lo is None or hi is None or lo.tensors is None or hi.tensors is None:
         print("- Forward memory at T=1000 <= 1.1x T=10 (10 hparams): not measured")
     else:
-        ratio = fwd_hi.peak / fwd_lo.peak if fwd_lo.peak else math.inf
-        print(f"- Forward memory (10 hparams): {fwd_hi.peak:.1f} MiB at T=1000 vs {fwd_lo.peak:.1f} MiB at T=10 = "
-              f"{ratio:.3f}x (target <= 1.1) -> {'met' if ratio <= 1.1 else 'MISSED'} "
-              f"(one fresh run each)")  # fmt: skip
-    lo, hi = (check or {}).get((10, "forward"), {}), (check or {}).get((100, "forward"), {})
-    if "peak_mib" in lo and "peak_mib" in hi:
-        print(f"  - with MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD}: {hi['peak_mib']:.1f} MiB at T=100 vs "
-              f"{lo['peak_mib']:.1f} MiB at T=10 = {hi['peak_mib'] / lo['peak_mib']:.3f}x; for T=1000 run "
-              f"--steps 10,1000 --methods forward --mmap-threshold {FIXED_MMAP_THRESHOLD} "
-              f"(about 6 CPU-minutes)")  # fmt: skip
+        t_hi = 1000 if fwd[1000] is not None else 100
+        ratio = hi.tensors / lo.tensors if lo.tensors else math.inf
+        print(f"- Forward tensor memory (10 hparams): {hi.tensors:.1f} MiB at T={t_hi} vs {lo.tensors:.1f} MiB at "
+              f"T=10 = {ratio:.3f}x (target <= 1.1 at T=1000) -> {'met' if ratio <= 1.1 else 'MISSED'}"
+              f"{'' if t_hi == 1000 else ' so far (T=1000 not run)'}")  # fmt: skip
+        if hi.peak is not None and lo.peak:
+            print(f"  - peak RSS: {hi.peak:.0f} MiB vs {lo.peak:.0f} MiB = {hi.peak / lo.peak:.2f}x (one fresh run "
+                  f"each; glibc's heap fragmentation makes these vary from run to run)")  # fmt: skip
 
     # 3. Implicit's backward cost: at most k+3 gradient passes, the same at every T.
     for name in ("implicit-cg", "implicit-fp"):
@@ -566,8 +554,6 @@ def main() -> None:
                         help="skip the fresh-process runs (no peak memory; at least one in-process round)")  # fmt: skip
     parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="MALLOC_MMAP_THRESHOLD_ for the fresh processes (default: glibc's, dynamic)")  # fmt: skip
-    parser.add_argument("--no-allocator-check", action="store_true",
-                        help="skip re-measuring Unroll/Reverse/Forward with a fixed mmap threshold")  # fmt: skip
     parser.add_argument("--one", choices=list(BY_NAME), help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -589,7 +575,8 @@ def main() -> None:
     print(f"- case: 64-{HIDDEN}-{HIDDEN}-10 tanh MLP, load_digits (train {N_TRAIN}, val rest), float32, full-batch "
           f"SGD (lr={LR}), T in {steps_list}; d(val loss)/d(loss weights); k={k}")  # fmt: skip
     threshold = "glibc default" if args.mmap_threshold is None else f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
-    print(f"- peak memory: fresh process per method and T, {threshold}")
+    print(f"- peak memory: fresh process per method and T ({threshold}): the RSS increase of a timed call, then the "
+          f"tensors' bytes of a second call under torch's profiler")  # fmt: skip
     print(f"- load average at start: {_load()}")
     print()
 
@@ -599,17 +586,12 @@ def main() -> None:
         if args.no_memory:
             repeats = max(repeats, 1)
         all_results[steps] = run_steps(steps, variants, repeats, not args.no_memory, k, args.mmap_threshold)
-    check: Check = {}
-    if not (args.no_memory or args.no_allocator_check or args.mmap_threshold is not None):
-        check = allocator_check(variants, steps_list, k)
 
     print("## Results\n")
     print_tables(all_results, variants, k)
-    if check:
-        print_allocator_check(all_results, check)
     if any(v.name.startswith("reverse") for v in variants):
         reverse_memory_model(steps_list)
-    report_targets(all_results, k, check)
+    report_targets(all_results, k)
     print(f"Total time {time.perf_counter() - start:.0f} s; load average at the end: {_load()}")
 
 

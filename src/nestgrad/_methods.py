@@ -71,6 +71,23 @@ class AdjointMethod(Method):
         """Given dL/d(trained params), return dL/d(initial params) and dL/d(``problem.hparam_tensors()``)."""
 
 
+_FREED = (
+    "nestgrad.train: backward through the same training run a second time, but what the {method} method "
+    "saved for its backward pass was freed after the first one. Pass retain_graph=True to the first "
+    "backward() / torch.autograd.grad() call, as for any autograd graph, to differentiate it again."
+)
+
+
+def _keeps_graph() -> bool:
+    """Whether the backward pass now running was called with ``retain_graph=True``.
+
+    torch has no public API for this; the private one is used by torch's own AOT autograd.
+    Without it, nothing is freed early.
+    """
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
 class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, method: AdjointMethod, problem: Problem, names: tuple[str, ...], *tensors: Tensor) -> Any:
@@ -82,7 +99,13 @@ class _Adjoint(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # methods give first derivatives; a second one must raise, not be silently wrong
     def backward(ctx: Any, *grads: Tensor) -> Any:
+        if ctx.run is None:
+            raise RuntimeError(_FREED.format(method=ctx.method_name))
         method, problem, names, saved = ctx.run
+        if not _keeps_graph():
+            # Like autograd's own saved tensors: free the trajectory / Jacobian now, not when
+            # the trained weights die.
+            ctx.run, ctx.method_name = None, type(method).__name__
         grad_params, grad_hparams = method.backward(problem, saved, dict(zip(names, grads, strict=True)))
         return (None, None, None, *(grad_params.get(k) for k in names), *grad_hparams)
 

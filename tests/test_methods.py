@@ -1,0 +1,103 @@
+"""Behaviour shared by every method that supplies its own backward pass: freeing, retain_graph."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import nestgrad as ng
+from test_train import batches, problem, val_loss, weighted_loss
+
+ADJOINT = {
+    "reverse": ng.Reverse(),
+    "reverse-checkpointed": ng.Reverse(checkpoint_every=2),
+    "forward": ng.Forward(),
+    "implicit-cg": ng.Implicit(ng.CG(max_steps=5, tol=0.0)),
+    "finite-diff": ng.FiniteDiff(),
+    "zeroth-order": ng.ZerothOrder(samples=2, sigma=0.1, seed=0),
+}
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def trained(method: ng.Method):
+    model, X, y = problem()
+    A = torch.zeros(len(X), requires_grad=True)
+    params = dict(model.named_parameters())
+    out = ng.train(weighted_loss(model), params, ng.optim.SGD(lr=0.3), batches(X, y), steps=5, hparams=A, method=method)
+    return out, val_loss(model, out, X, y), A
+
+
+def saved_by(out: dict[str, torch.Tensor]):
+    """The object the method saved for its backward (None once freed), through the autograd node."""
+    run = next(iter(out.values())).grad_fn.run
+    return None if run is None else run[3]
+
+
+class Probe:
+    """A weak reference to what a method saved, to see when it is freed."""
+
+    def __init__(self, saved) -> None:
+        holder = saved if _weakrefable(saved) else next(x for x in _parts(saved) if _weakrefable(x))
+        self.ref = weakref.ref(holder)
+
+    def alive(self) -> bool:
+        gc.collect()
+        return self.ref() is not None
+
+
+def _weakrefable(x) -> bool:
+    try:
+        weakref.ref(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _parts(x):
+    if isinstance(x, dict):
+        yield from x.values()
+    elif isinstance(x, (tuple, list)):
+        for item in x:
+            yield item
+            yield from _parts(item)
+
+
+@pytest.mark.parametrize("name", list(ADJOINT))
+def test_what_a_method_saved_is_freed_by_the_backward_pass(name):
+    out, loss, A = trained(ADJOINT[name])
+    probe = Probe(saved_by(out))
+    assert probe.alive()
+    torch.autograd.grad(loss, A)
+    assert not probe.alive(), "the trajectory / Jacobian should be freed with the graph, not kept with the weights"
+    assert all(v.requires_grad for v in out.values())  # the weights themselves are untouched
+
+
+@pytest.mark.parametrize("name", list(ADJOINT))
+def test_retain_graph_keeps_it_for_a_second_identical_backward(name):
+    out, loss, A = trained(ADJOINT[name])
+    probe = Probe(saved_by(out))
+    (first,) = torch.autograd.grad(loss, A, retain_graph=True)
+    assert probe.alive()
+    (second,) = torch.autograd.grad(loss, A)
+    assert first.abs().max() > 0 and second.abs().max() > 0
+    if name != "zeroth-order":  # it draws fresh directions at every backward pass, by design
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not probe.alive()
+
+
+def test_a_second_backward_without_retain_graph_names_the_fix():
+    out, _, A = trained(ng.Reverse())
+    loss = sum(v.sum() for v in out.values())  # saves nothing itself, so the run's node is reached again
+    torch.autograd.grad(loss, A)
+    with pytest.raises(RuntimeError, match=r"second time.*Reverse.*retain_graph=True"):
+        torch.autograd.grad(loss, A)
