@@ -194,7 +194,8 @@ def test_backward_costs_k_plus_2_gradient_evaluations_whatever_the_number_of_ste
             outer.backward()
             ridge.lam.grad = None
             (solution,) = log
-            assert calls == {"grad": solution.steps + 2, "loss": 1}
+            assert calls == {"grad": solution.matvecs + 2, "loss": 1}
+            assert solution.matvecs == solution.steps  # no init, no breakdown
 
 
 # ------------------------------------------------------------------------- composition
@@ -361,6 +362,42 @@ def test_solvers_share_one_signature_and_solve_an_spd_system(solver, kind):
     assert warm.steps == 0 and warm.converged
 
 
+def counted(A):
+    calls = [0]
+
+    def matvec(x):
+        calls[0] += 1
+        return A @ x
+
+    return matvec, calls
+
+
+@pytest.mark.parametrize(
+    ("solver", "matrix", "result", "extra"),
+    [
+        (CG(max_steps=50, tol=1e-12), "spd", "successful", 0),
+        (CG(max_steps=3, tol=1e-12), "spd", "max_steps_reached", 0),
+        (CG(max_steps=50, tol=1e-12), "indefinite", "not_positive_definite", 1),
+        (Neumann(steps=30, alpha=1.0), "spd", "successful", 0),
+        (Neumann(steps=30, alpha=10.0), "spd", "diverged", 1),
+        (FixedPoint(tol=1e-12), "spd", "successful", 0),
+    ],
+    ids=["cg", "cg-short", "cg-breakdown", "neumann", "neumann-diverged", "fixed-point"],
+)
+@pytest.mark.parametrize("warm", [False, True])
+def test_matvecs_counts_every_call_including_init_and_breakdown(solver, matrix, result, extra, warm):
+    A, b = spd()
+    if matrix == "indefinite":
+        A = A - 0.8 * torch.eye(len(b))
+    matvec, calls = counted(A)
+    init = 0.1 * torch.ones_like(b) if warm else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        solution = solver(matvec, b, init=init)
+    assert solution.result == result
+    assert solution.matvecs == calls[0] == solution.steps + extra + warm
+
+
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
 def test_zero_right_hand_side_returns_zero_without_iterating(solver):
     A, _ = spd()
@@ -368,7 +405,7 @@ def test_zero_right_hand_side_returns_zero_without_iterating(solver):
         warnings.simplefilter("error")
         solution = solver(lambda x: A @ x, torch.zeros(8))
     assert torch.equal(solution.value, torch.zeros(8))
-    assert (solution.steps, solution.residual, solution.converged) == (0, 0.0, True)
+    assert (solution.steps, solution.residual, solution.converged, solution.matvecs) == (0, 0.0, True, 0)
 
 
 def test_cg_stops_when_the_residual_is_exactly_zero():

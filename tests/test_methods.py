@@ -11,6 +11,8 @@ import torch
 import nestgrad as ng
 from test_train import batches, problem, val_loss, weighted_loss
 
+pytestmark = pytest.mark.filterwarnings("ignore::nestgrad.ConvergenceWarning")  # CG stops at 5 steps on purpose
+
 ADJOINT = {
     "reverse": ng.Reverse(),
     "reverse-checkpointed": ng.Reverse(checkpoint_every=2),

@@ -196,7 +196,7 @@ class Implicit(AdjointMethod):
         used = [k for k, gk in g.items() if gk is not None]  # weights the condition ignores stay put
         gs = [g[k] for k in used]
         ws = [p[k] for k in used]
-        solution = self.solver._solve(lambda xs: _vjp(gs, ws, xs), [grads[k] for k in used], None)
+        solution = self.solver._run(lambda xs: _vjp(gs, ws, xs), [grads[k] for k in used], None)
         self._report(solution, "the gradient of the training loss", gs)
         wanted = [h for h in hparams if h.requires_grad]
         supply = iter(_vjp(gs, wanted, solution.value))
@@ -226,7 +226,7 @@ class Implicit(AdjointMethod):
         def matvec(xs: list[Tensor]) -> list[Tensor]:  # (I - Jᵀ) x
             return torch._foreach_sub(xs, _vjp(outs, ins, xs))
 
-        solution = self.solver._solve(matvec, rhs, None)
+        solution = self.solver._run(matvec, rhs, None)
         self._report(solution, "the optimizer's step Φ(W, S) - (W, S)", outs, ins)
         wanted = [h for h in hparams if h.requires_grad]
         supply = iter(_vjp(outs, wanted, solution.value))

@@ -20,6 +20,7 @@ tolerance; :class:`nestgrad.Implicit` uses it on the optimizer's own update map.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -59,12 +60,15 @@ class Solution:
 
     Attributes:
         value: the approximate solution :math:`x`, in the structure of ``b``.
-        steps: iterations taken; each costs one ``matvec`` (an ``init`` costs one more).
+        steps: iterations completed, each one ``matvec``.
         residual: relative residual :math:`\\|b - A x\\| / \\|b\\|` as tracked by the
             iteration (0 when ``b`` is 0).
         converged: whether the stopping criterion was met (see each solver).
         result: ``"successful"``, ``"max_steps_reached"``, ``"not_positive_definite"``
             (CG only) or ``"diverged"``.
+        matvecs: every call of ``matvec`` the solve made: ``steps``, plus one for an
+            ``init``, plus the one that revealed a breakdown (``"not_positive_definite"``,
+            ``"diverged"``) without completing an iteration. This is the solve's cost.
     """
 
     value: Any
@@ -72,6 +76,7 @@ class Solution:
     residual: float
     converged: bool
     result: str
+    matvecs: int = 0
 
 
 class LinearSolver(abc.ABC):
@@ -113,16 +118,21 @@ class LinearSolver(abc.ABC):
             return out
 
         start = None if init is None else pytree.tree_leaves(init)
-        solution = self._solve(flat_matvec, leaves, start)
+        solution = self._run(flat_matvec, leaves, start)
         if not solution.converged:
             warnings.warn(f"nestgrad.{name}: {explain(self, solution)}", ConvergenceWarning, stacklevel=2)
-        return Solution(
-            pytree.tree_unflatten(solution.value, spec),
-            solution.steps,
-            solution.residual,
-            solution.converged,
-            solution.result,
-        )
+        return dataclasses.replace(solution, value=pytree.tree_unflatten(solution.value, spec))
+
+    def _run(self, matvec: MatVec, b: Tensors, init: Tensors | None) -> Solution:
+        """:meth:`_solve`, with its ``matvec`` calls counted into ``Solution.matvecs``. Never warns."""
+        calls = 0
+
+        def counted(xs: Tensors) -> Tensors:
+            nonlocal calls
+            calls += 1
+            return matvec(xs)
+
+        return dataclasses.replace(self._solve(counted, b, init), matvecs=calls)
 
     @abc.abstractmethod
     def _solve(self, matvec: MatVec, b: Tensors, init: Tensors | None) -> Solution:
