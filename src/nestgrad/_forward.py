@@ -105,9 +105,15 @@ class Forward(AdjointMethod):
         max_hparams: refuse with a ``ValueError`` (instead of running out of memory)
             when the hyperparameters that require grad have more elements than this.
         chunk_size: hyperparameter directions pushed through each step in one batched
-            backward pass. Larger is faster and needs more memory for that pass
-            (about ``chunk_size`` times one step's activations). ``None`` pushes all of
-            them at once.
+            backward pass, which needs about ``chunk_size`` times one step's activations.
+            ``None`` pushes all of them at once. Batching saves per-pass overhead, which
+            dominates for small models, but a large batch is slower than a few small ones
+            for large activations. On one CPU thread, 200 hyperparameters: a 64-32-10 MLP
+            took 0.34-0.68 s with ``chunk_size=1``, 0.07 s with 16, 0.08 s with 200; a
+            64-256-10 MLP 0.55 s, 0.33-0.35 s and 0.78 s. With 10 hyperparameters, the
+            benchmark MLP (1000 examples, 256 hidden units) took about 10% less time and 2.5x
+            less memory (29 against 72 MiB) with ``chunk_size=1`` than with 10. Use 1 where
+            memory is tight.
 
     Example:
         >>> lr = torch.tensor(0.1, requires_grad=True)
@@ -125,7 +131,7 @@ class Forward(AdjointMethod):
     differentiates_params = False
 
     max_hparams: int = 4096
-    chunk_size: int | None = 256
+    chunk_size: int | None = 16
 
     def __post_init__(self) -> None:
         for name, value, allow_none in (
