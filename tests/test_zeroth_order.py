@@ -4,6 +4,7 @@ training through non-differentiable pseudo-labels, one-sided differences, replay
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -197,3 +198,23 @@ def test_antithetic_and_seed_are_checked():
     with pytest.raises(TypeError, match="seed must be an int or None"):
         ZerothOrder(4, 0.1, seed=1.5)
     assert repr(ZerothOrder(4, 0.1, seed=2)) == "ZerothOrder(samples=4, sigma=0.1, antithetic=True, seed=2)"
+
+
+def test_an_exactly_zero_estimate_warns_and_names_sigma():
+    """h reaches the weights only through a threshold: perturbations smaller than the gap to it change nothing."""
+
+    def loss_fn(params, batch, h):
+        target = (h > 0).to(params["w"].dtype)  # piecewise constant in h
+        return (params["w"] - target).square().sum()
+
+    def hypergrad(sigma):
+        h = torch.tensor([0.5], requires_grad=True)
+        w = ng.train(loss_fn, {"w": torch.zeros(1, requires_grad=True)}, ng.optim.SGD(lr=0.1), [None], steps=5,
+                     hparams=h, method=ng.ZerothOrder(samples=8, sigma=sigma, seed=0))  # fmt: skip
+        return torch.autograd.grad(w["w"].sum(), h)[0]
+
+    with pytest.warns(RuntimeWarning, match=r"(?s)moved the outer loss by exactly 0.*Raise sigma"):
+        assert hypergrad(1e-3).item() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert hypergrad(2.0).item() != 0  # perturbations cross the threshold at 0

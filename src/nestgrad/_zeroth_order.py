@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -141,6 +142,7 @@ class ZerothOrder(AdjointMethod):
                 return quiet.with_hparam_tensors(moved).fit(initial)[0]
 
         total = [torch.zeros_like(tensors[i]) for i in wanted]
+        moved = False  # whether any perturbed run changed the outer loss's linearization at all
         for _ in range(self.samples):
             shift = [
                 torch.randn(tensors[i].shape, generator=self._generator, dtype=tensors[i].dtype).to(tensors[i].device)
@@ -150,7 +152,19 @@ class ZerothOrder(AdjointMethod):
             minus = run(shift, -1.0) if self.antithetic else trained
             scale = 2 * self.sigma if self.antithetic else self.sigma
             slope = sum(((v[k] * (plus[k] - minus[k])).sum() for k in v), torch.zeros(())) / scale
+            moved = moved or bool(slope != 0)
             for acc, d in zip(total, shift):
                 acc.add_(d * slope.to(d))
+        if not moved and v:
+            warnings.warn(_FLAT.format(samples=self.samples, sigma=self.sigma), RuntimeWarning, stacklevel=2)
         supply = iter(acc / self.samples for acc in total)
         return {}, [next(supply) if i in wanted else None for i in range(len(tensors))]
+
+
+_FLAT = (
+    "nestgrad.ZerothOrder: all {samples} perturbed training runs (sigma={sigma:g}) moved the outer loss "
+    "by exactly 0, so the estimate is exactly 0. Either the outer loss does not depend on these "
+    "hyperparameters, or it depends on them only through piecewise-constant operations (argmax, "
+    "rounding, thresholds) whose output did not change at this scale. Raise sigma until perturbations "
+    "of that size change their output (e.g. flip some argmax labels), or raise samples."
+)
