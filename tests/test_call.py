@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -54,14 +54,6 @@ def assert_untouched(module: nn.Module, before: dict[str, tuple[Tensor, Tensor]]
         assert after[k] is obj, f"{k} was replaced"
         assert torch.equal(obj, value), f"{k} changed value"
         assert obj.grad is None, f"{k} received a gradient"
-
-
-@pytest.fixture
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 # ---------------------------------------------------------------------- MLP

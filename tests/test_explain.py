@@ -26,12 +26,7 @@ from nestgrad._explain import (
 HERE = os.path.basename(__file__)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def line_of(fn, marker: str) -> int:

@@ -13,13 +13,7 @@ import nestgrad as ng
 from nestgrad._data import Batches
 from nestgrad._finite_diff import FiniteDiff
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def problem(seed: int = 0, n: int = 24):

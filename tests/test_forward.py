@@ -16,13 +16,7 @@ from nestgrad._forward import Forward, Jacobian
 from nestgrad._reverse import Reverse
 from nestgrad._train import Problem
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def mlp(seed: int = 0, n: int = 24, dropout: float = 0.0):

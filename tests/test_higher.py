@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -36,14 +36,6 @@ def need_real_higher() -> None:
 
 
 Batch = tuple[Tensor, Tensor]
-
-
-@pytest.fixture
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def mlp(seed: int = 0) -> nn.Sequential:

@@ -15,13 +15,7 @@ from nestgrad._implicit import Implicit
 from nestgrad._reverse import Reverse
 from nestgrad._solvers import CG, ConvergenceWarning, FixedPoint, Neumann, Solution
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def rel(a, b):

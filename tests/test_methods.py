@@ -11,8 +11,6 @@ import torch
 import nestgrad as ng
 from test_train import batches, problem, val_loss, weighted_loss
 
-pytestmark = pytest.mark.filterwarnings("ignore::nestgrad.ConvergenceWarning")  # CG stops at 5 steps on purpose
-
 ADJOINT = {
     "reverse": ng.Reverse(),
     "reverse-checkpointed": ng.Reverse(checkpoint_every=2),
@@ -23,12 +21,10 @@ ADJOINT = {
 }
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = [
+    pytest.mark.usefixtures("float64"),
+    pytest.mark.filterwarnings("ignore::nestgrad.ConvergenceWarning"),  # CG stops at 5 steps on purpose
+]
 
 
 def trained(method: ng.Method):

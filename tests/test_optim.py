@@ -20,13 +20,7 @@ from optim_db import OPTIMIZERS, OptimInfo, case_id, cases
 STEPS = 45
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    # torch.optim keeps scalar state (step, mu_product, eta) in the default dtype.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def mlp(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

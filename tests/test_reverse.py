@@ -14,13 +14,7 @@ from nestgrad._data import Batches
 from nestgrad._train import Problem
 from test_train import batches, problem, val_loss, weighted_loss
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def hypergrads(method, make_opt, model=None, data=None, eval_model=None, seed=0, steps=9):

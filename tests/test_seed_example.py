@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -56,16 +55,11 @@ EXACT_PAIRS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_module")
 
 
 @pytest.fixture(scope="module")
-def pipeline(float64: None):  # -> sp.Pipeline
+def pipeline(float64_module: None):  # -> sp.Pipeline
     return sp.build(0, torch.float64)
 
 
@@ -206,7 +200,9 @@ def test_implicit_on_an_unconverged_bert_level_warns_that_it_is_approximate(pipe
 
 
 def test_main_probe_variant_with_implicit_lowers_L3() -> None:
-    history = sp.main(["--outer-steps", "3", "--variant", "probe", "--method2", "implicit", "--float64", "--lr", "0.01"])
+    history = sp.main(
+        ["--outer-steps", "3", "--variant", "probe", "--method2", "implicit", "--float64", "--lr", "0.01"]
+    )
     assert len(history) == 4 and history[-1] < history[0], history
 
 

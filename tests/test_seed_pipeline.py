@@ -14,7 +14,7 @@ without that switch the computation fails.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +40,7 @@ Params = dict[str, Tensor]
 Caller = Callable[..., Any]  # caller(module, params, **inputs) -> module output
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_module")
 
 
 def make_model(seed: int) -> nn.Module:
@@ -91,7 +86,7 @@ def build_pipeline() -> Pipeline:
 
 
 @pytest.fixture(scope="module")
-def pipeline(float64: None) -> Pipeline:
+def pipeline(float64_module: None) -> Pipeline:
     return build_pipeline()
 
 

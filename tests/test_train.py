@@ -12,13 +12,7 @@ import torch.nn.functional as F
 
 import nestgrad as ng
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def problem(seed: int = 0, n: int = 24):

@@ -13,13 +13,7 @@ import torch.nn.functional as F
 import nestgrad as ng
 from nestgrad._zeroth_order import ZerothOrder
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # ------------------------------------------------- a smooth, stochastic problem
