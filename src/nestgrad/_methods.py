@@ -44,6 +44,10 @@ class AdjointMethod(Method):
     else autograd knows, including other levels trained by any other method.
     Subclasses implement :meth:`forward` and :meth:`backward`.
 
+    What :meth:`forward` saves (a trajectory, a Jacobian) lives as long as autograd's own
+    saved tensors would: a backward pass without ``retain_graph=True`` frees it, and a
+    second backward through the same run then raises, naming ``retain_graph=True``.
+
     A method whose ``differentiates_params`` is False gives gradients w.r.t. the
     hyperparameters only: the trained weights are then not connected to the initial
     params at all, so asking autograd for that gradient raises instead of
