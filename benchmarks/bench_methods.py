@@ -179,14 +179,21 @@ def class_weights() -> Tensor:
     return torch.ones(N_CLASSES, requires_grad=True)
 
 
-def hypergradient(s: Setup, cw: Tensor, variant: Variant, k: int, count: bool = False) -> Run:
-    """Train with ``variant`` for ``s.steps`` steps and return the hypergradient, timed."""
+def hypergradient(
+    s: Setup, cw: Tensor, variant: Variant, k: int, count: bool = False, on_loss: Callable[[], None] | None = None
+) -> Run:
+    """Train with ``variant`` for ``s.steps`` steps and return the hypergradient, timed.
+
+    ``on_loss`` is called at every call of the training loss (for :func:`tensor_peak`).
+    """
     solutions: list[ng.Solution] = []
     method = variant.make(s.steps, k, solutions.append)
     hparams = s.weights if variant.hparams == "example" else cw
 
     def loss_fn(params: dict[str, Tensor], batch: tuple[Tensor, Tensor], w: Tensor) -> Tensor:
         x, y = batch
+        if on_loss is not None:
+            on_loss()
         return weighted_loss(ng.call(s.model, params, x), y, w if variant.hparams == "example" else w[y])
 
     w0, c0 = time.perf_counter(), time.process_time()
@@ -205,22 +212,63 @@ def hypergradient(s: Setup, cw: Tensor, variant: Variant, k: int, count: bool = 
 
 
 # --------------------------------------------------------------------- memory
-def tensor_peak(fn: Callable[[], Any]) -> float:
-    """The peak of the bytes held by torch tensors while ``fn()`` runs, above those held before it, in MiB.
+class TensorPeak:
+    """The peak of the bytes held by torch tensors in a block, above those held at its start, in MiB.
 
     It is read from the allocation and free events of torch's profiler (``profile_memory``):
-    exact, the same in every run, and independent of the C allocator under torch.
+    exact, the same in every run, and independent of the C allocator under torch. The
+    profiler keeps every op event until it stops, which for a long run of small ops
+    (``Forward`` at T=1000: millions of them) takes more memory than the machine has, so
+    :meth:`cut` stops it, folds its events into the running count, and starts it again.
     """
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak / 2**20
+    def __init__(self) -> None:
+        self.held = self.top = 0
+        self.prof: Any = None
+
+    def __enter__(self) -> TensorPeak:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    @property
+    def peak(self) -> float:
+        return self.top / 2**20
+
+    def cut(self) -> None:
+        self._stop()
+        self._start()
+
+    def _start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+
+    def _stop(self) -> None:
+        self.prof.__exit__(None, None, None)
+        events = self.prof.profiler.kineto_results.events()
+        for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+            self.held += nbytes
+            self.top = max(self.top, self.held)
+        self.prof = None
+
+
+def tensor_peak(s: Setup, cw: Tensor, variant: Variant, k: int, cut_every: int = 10) -> float:
+    """:class:`TensorPeak` of one hypergradient, the profiler cut every ``cut_every`` calls of the loss."""
+    calls = 0
+    with TensorPeak() as meter:
+
+        def tick() -> None:
+            nonlocal calls
+            calls += 1
+            if calls % cut_every == 0:
+                meter.cut()
+
+        hypergradient(s, cw, variant, k, on_loss=tick)
+    return meter.peak
 
 
 def measure_one(name: str, steps: int, k: int, save: str | None) -> dict[str, Any]:
@@ -245,7 +293,7 @@ def measure_one(name: str, steps: int, k: int, save: str | None) -> dict[str, An
     out = {f.name: getattr(run, f.name) for f in dataclasses.fields(run) if f.name != "grad"}
     del run
     gc.collect()
-    tensors = tensor_peak(lambda: hypergradient(s, cw, variant, k))
+    tensors = tensor_peak(s, cw, variant, k)
     return {**out, "peak_mib": max(peak - before, 0) / 1024, "hwm_reset": reset, "tensor_mib": tensors}
 
 
