@@ -274,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
         try:
             L3, _ = run(pl, pl.A, method1, method2, args.variant)
             L3.backward(inputs=[pl.A])  # dL3/dA, through both trainings
+        except ValueError as err:  # Forward at level 2: M1's ~40k weights are too many hyperparameters
+            raise SystemExit(
+                f"{err}\n\n--method2 forward needs few level-2 hyperparameters; with --variant probe they are "
+                f"M2's 40x32 decoder states, which Forward accepts."
+            ) from None
         except RuntimeError as err:  # nestgrad.DisconnectedError when no differentiable path joins A to L3
             raise SystemExit(
                 f"{err}\n\nNo gradient path from A to L3 with --method1 {args.method1} --method2 {args.method2} "

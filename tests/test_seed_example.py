@@ -213,3 +213,8 @@ def test_ng_check_passes_on_the_seed_pipeline(pipeline, name: str) -> None:
     result = ng.check(lambda a: sp.run(pipeline, a, m1(), m2())[0], pipeline.A.detach().clone(), directions=2)
     assert result.verdict == "passed", str(result)
     assert result.max_error <= 1e-6
+
+
+def test_main_forward_at_level2_exits_with_the_limit_and_the_probe_variant() -> None:
+    with pytest.raises(SystemExit, match=r"(?s)max_hparams=4096.*--variant probe"):
+        sp.main(["--outer-steps", "1", "--method2", "forward"])
