@@ -34,13 +34,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import math
 import os
 import platform
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +46,7 @@ import torch
 from torch import Tensor
 
 import nestgrad as ng
+from bench_methods import counting_grad_calls
 
 KAPPAS = (6.0, 60.0)
 TRAIN_ACCURACY = 1e-13  # the training reaches w* to about this relative accuracy
@@ -126,27 +125,6 @@ class Ridge:
         with counting_grad_calls() as calls:
             (grad,) = torch.autograd.grad(val, self.lam)
         return grad.item(), calls[0] - 1  # minus the outer call itself
-
-
-@contextlib.contextmanager
-def counting_grad_calls() -> Iterator[list[int]]:
-    """Count the ``torch.autograd.grad`` calls made in the block (``calls[0]``).
-
-    Each gradient, Hessian-vector product and mixed product of nestgrad's backward
-    passes is one such call.
-    """
-    calls = [0]
-    original = torch.autograd.grad
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    torch.autograd.grad = counted
-    try:
-        yield calls
-    finally:
-        torch.autograd.grad = original
 
 
 @dataclass

@@ -12,33 +12,16 @@ import torch.nn.functional as F
 import nestgrad as ng
 from nestgrad._data import Batches
 from nestgrad._finite_diff import FiniteDiff
+from test_train import batches, weighted_loss
+from test_train import problem as mlp_problem
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
 def problem(seed: int = 0, n: int = 24):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 5, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-    torch.manual_seed(seed)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    A = torch.randn(n, generator=g).requires_grad_()
+    model, X, y = mlp_problem(seed, n)
+    A = torch.randn(n, generator=torch.Generator().manual_seed(seed + 100)).requires_grad_()
     return model, X, y, A
-
-
-def weighted_loss(model):
-    def loss_fn(params, batch, A):
-        x, y, idx = batch
-        losses = F.cross_entropy(ng.call(model, params, x), y, reduction="none")
-        return (torch.sigmoid(A[idx]) * losses).mean()
-
-    return loss_fn
-
-
-def batches(X, y, size=8):
-    return [(X[i : i + size], y[i : i + size], torch.arange(i, i + size)) for i in range(0, len(X), size)]
 
 
 def hypergrad(model, X, y, A, opt, method, steps, data=None):
