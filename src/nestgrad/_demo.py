@@ -331,7 +331,7 @@ ROWS = {
 
 def format_table(results: dict[str, Any]) -> str:
     """The summary printed by ``nestgrad demo``."""
-    acc, det = results["accuracy"], results["detection"]
+    acc = results["accuracy"]
     lines = [
         f"Test accuracy on {results['n_test']} clean test images "
         f"(every row: {results['recipe']}, same initial weights)",
@@ -339,8 +339,14 @@ def format_table(results: dict[str, Any]) -> str:
         f"  {'':<10}{'trained on':<80}{'test acc':>9}",
     ]
     lines += [f"  {name:<10}{ROWS[name]:<80}{acc[name]:>9.1%}" for name in ROWS]
-    lines += [
-        "  The nestgrad row is a fresh model, retrained from scratch with the final learned weights.",
+    lines += ["  The nestgrad row is a fresh model, retrained from scratch with the final learned weights."]
+    return "\n".join(lines + footer(results))
+
+
+def footer(results: dict[str, Any]) -> list[str]:
+    """The lines after the accuracy table, shared by both demos: label detection, run, figure."""
+    det = results["detection"]
+    return [
         "",
         f"Spotting flipped labels (flagged when learned weight < {results['threshold']}): "
         f"F1 {det['f1']:.3f}, precision {det['precision']:.3f}, recall {det['recall']:.3f} "
@@ -348,7 +354,6 @@ def format_table(results: dict[str, Any]) -> str:
         f"Outer steps: {results['steps']}, seed {results['seed']}. Wall time: {results['wall_time']:.1f} s",
         f"Figure: {results['figure']}",
     ]
-    return "\n".join(lines)
 
 
 def plot(
