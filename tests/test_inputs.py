@@ -77,7 +77,7 @@ def test_an_hparam_used_by_the_data_function_raises(name):
         return ((bx @ p["w"] - by) ** 2).mean()
 
     assert unroll_grad(loss_fn, A, data, hparams=A).abs().sum() > 1e-3
-    with pytest.raises(RuntimeError, match="the training loss depends on a leaf Tensor.*data function"):
+    with pytest.raises(RuntimeError, match=r"the training loss depends on a leaf Tensor.*data function"):
         ng.train(loss_fn, w0(), ng.optim.SGD(lr=0.1), data, steps=5, hparams=A, method=ADJOINT[name]())
 
 
@@ -226,13 +226,13 @@ def test_messages_name_the_real_cause():
         ng.train(weighted, {}, opt, [(x, y)], steps=1)
     with pytest.raises(TypeError, match=r"only non-floating-point tensors \(torch.int64\)"):
         ng.train(weighted, {"w": torch.zeros(3, dtype=torch.int64)}, opt, [(x, y)], steps=1)
-    with pytest.raises(ValueError, match="meta device.*to_empty"):
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
         ng.train(weighted, {"w": torch.zeros(3, device="meta", requires_grad=True)}, opt, [(x, y)], steps=1)
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch.inference_mode\(\).*no_grad"):
         ng.train(weighted, w0(), opt, [(x, y)], steps=1)
     with torch.inference_mode():
         inference = torch.zeros(3)
-    with pytest.raises(RuntimeError, match="created under torch.inference_mode"):
+    with pytest.raises(RuntimeError, match=r"created under torch\.inference_mode"):
         ng.train(weighted, {"w": inference.requires_grad_(False)}, opt, [(x, y)], steps=1)
 
 
