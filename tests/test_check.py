@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import nestgrad as ng
-from nestgrad._check import CheckResult, check
+from nestgrad._check import CheckResult, Direction, check
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -222,6 +222,8 @@ def test_argument_errors():
         check(f, torch.ones(2, dtype=torch.long))
     with pytest.raises(ValueError, match="holds no Tensor"):
         check(f, [])
+    with pytest.raises(ValueError, match="leaf 1 of hparams holds 1 NaN and 1 inf elements"):
+        check(f, [torch.ones(2), torch.tensor([math.nan, math.inf, 0.0])])
     with pytest.raises(
         ValueError, match=r"scalar Tensor; at hparams it returned a torch.float64 Tensor of shape \(2,\)"
     ):
@@ -314,7 +316,7 @@ def test_a_step_lost_in_rounding_fails():
 
 def test_max_error_and_the_table_do_not_drop_a_nan_in_any_position():
     def result(*errors: float) -> CheckResult:
-        dirs = tuple(ng.check.__globals__["Direction"](1.0, 1.0, e, e) for e in errors)
+        dirs = tuple(Direction(1.0, 1.0, e, e) for e in errors)
         return CheckResult("failed", 1.0, 1.0, 1e-6, 1e-5, torch.float64, dirs, ())
 
     for errors in [(math.nan, 0.1), (0.1, math.nan), (math.nan,)]:

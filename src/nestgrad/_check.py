@@ -192,6 +192,12 @@ def _leaves(hparams: Any) -> tuple[list[Tensor], Any]:
                 f"Wrap numbers as tensors (torch.tensor(0.1, dtype=torch.float64)), and close over integer "
                 f"data in fn instead of passing it as hparams."
             )
+        if not bool(torch.isfinite(leaf).all()):
+            raise ValueError(
+                f"nestgrad.check: leaf {i} of hparams holds {int(torch.isnan(leaf).sum())} NaN and "
+                f"{int(torch.isinf(leaf).sum())} inf elements; a derivative there means nothing. Check at finite "
+                f"hparams (if they came from an outer optimizer, its last step diverged: lower its lr)."
+            )
     return leaves, spec
 
 
@@ -212,7 +218,8 @@ def _scales(leaves: list[Tensor]) -> list[Tensor]:
     for h in leaves:
         a = h.detach().double().cpu().abs()
         usable = torch.isfinite(a) & (a > 0)
-        floor = float(a[usable].pow(2).mean().sqrt()) if bool(usable.any()) else 1.0
+        top = float(a[usable].max()) if bool(usable.any()) else 1.0
+        floor = top * float((a[usable] / top).pow(2).mean().sqrt()) if bool(usable.any()) else 1.0
         scales.append(torch.where(usable, a, torch.full_like(a, floor)))
     return scales
 
@@ -384,15 +391,20 @@ def check(
             require grad.
         directions: number of random directions, an int >= 1.
         eps: ``None`` (default) for a relative step per element: element
-            :math:`h_j` moves by at most :math:`c\,|h_j|`, with
+            :math:`h_j` moves by at most :math:`r\,|h_j|`, with
+            :math:`r = c \cdot \mathrm{clip}(|f| / \lVert g \odot h\rVert, 1, 1000)^{1/3}` and
             :math:`c = \epsilon_{\text{dtype}}^{1/3}` (about ``6e-6`` in float64,
-            ``5e-3`` in float32) balancing truncation against rounding error;
-            an element that is 0 moves by at most :math:`c` times the RMS of its
-            leaf (:math:`c` if the whole leaf is 0). So the step never flips the
-            sign of a hyperparameter, and moves ``lr=0.01`` by at most
-            ``c * 0.01``. A number is an absolute step: the length :math:`t` of
-            the move along each unit direction, the same for every element (so
-            no element moves by more than ``eps``).
+            ``5e-3`` in float32), which balances truncation against rounding
+            error; the factor (1 to 10) lengthens the step when :math:`f` hardly
+            changes relative to its size, where rounding would dominate. An
+            element that is 0 moves by at most :math:`r` times the RMS of its
+            leaf's nonzero elements (:math:`r` if the whole leaf is 0). So the
+            step never flips the sign of a hyperparameter, and moves
+            ``lr=0.01`` by at most ``r * 0.01`` (at most 5e-4 in float32).
+            ``result.relative_step`` is the largest fraction used. A number is an absolute
+            step: the length :math:`t` of the move along each unit direction,
+            the same for every element (so no element moves by more than
+            ``eps``).
         rtol: largest error that passes. ``None`` (default): ``1e-5`` when the
             hparams and the output are float64, ``1e-3`` when the least precise
             of them is float32, ``3e-2`` for 16-bit dtypes.
@@ -485,7 +497,7 @@ def check(
         )
 
     zero = [i for i, p in enumerate(points) if p.step == 0]
-    bad_fd = [i for i, p in enumerate(points) if p.step > 0 and not math.isfinite(p.fd)]
+    bad_fd = [i for i, p in enumerate(points) if p.step != 0 and not math.isfinite(p.fd)]
     problems: list[str] = []
     if not math.isfinite(value):
         problems.append(_NONFINITE_VALUE.format(value=value))
