@@ -194,6 +194,7 @@ class Optimizer(abc.ABC):
         self.foreach = foreach
         self._group_of: dict[str, int] = {}
         self._slots_of: dict[int, tuple[str, ...]] = {}
+        self._tensors_in: dict[int, bool] = {}
 
     # ----------------------------------------------------------------- checks
     def _reject_unknown(self, unknown: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "") -> None:
@@ -415,44 +416,61 @@ class Optimizer(abc.ABC):
                 f"{type(self).__name__}.update: state has no entry for {missing}; "
                 f"call init() with the same params dict you pass to update()."
             )
-        # One partition per group, step count and hyperparameter dtype. The checks read Python
-        # attributes only (no tensor op, no sync): they run at every step.
-        partitions: dict[tuple[int, int, torch.dtype], list[str]] = {}
+        # One partition per group and step count. The checks read Python attributes only (no
+        # tensor op, no sync): they run at every step.
+        partitions: dict[tuple[int, int], list[str]] = {}
         step_of = state.step
         for name, p in params.items():
             g = grads.get(name)
             if g is None:
                 continue
-            if not isinstance(g, Tensor) or g.shape != p.shape or g.dtype != p.dtype:
+            if not isinstance(g, Tensor) or g.shape != p.shape or g.dtype is not p.dtype:
                 raise _bad_grad(type(self).__name__, name, g, p)
-            key = (self._group_index(name), step_of[name] + 1, _HP_DTYPE.get(p.dtype, torch.float32))
+            key = (self._group_index(name), step_of[name] + 1)
             partitions.setdefault(key, []).append(name)
         ops = self._backend()
         new_params = dict(params)
         new_step = dict(step_of)
         new_slots = {slot: dict(values) for slot, values in state.slots.items()}
-        for (group, step, dtype), names in partitions.items():
-            hp = self._step_hparams(names[0], dtype)
-            ps = [params[n] for n in names]
-            gs = [grads[n] for n in names]
-            expected = self._expected_slots(group, ps[0], hp)
-            try:
-                slots = {slot: [state.slots[slot][n] for n in names] for slot in expected}
-            except KeyError:
-                name = next(n for n in names if any(n not in state.slots.get(s, {}) for s in expected))
-                found = [s for s, values in state.slots.items() if name in values]
-                raise ValueError(
-                    _FOREIGN_STATE.format(cls=type(self).__name__, name=name, found=found, expected=list(expected))
-                ) from None
-            out, out_slots = self._step(ops, step, ps, gs, slots, hp)  # type: ignore[arg-type]
-            for i, n in enumerate(names):
-                q = out[i]
-                new_params[n] = q if q.dtype is ps[i].dtype else q.to(ps[i].dtype)
-                new_step[n] = step
-                for slot, values in out_slots.items():
-                    v, before = values[i], slots[slot][i]
-                    new_slots[slot][n] = v if v.dtype is before.dtype else v.to(before.dtype)
+        for (group, step), names in partitions.items():
+            hp = self.hparams(names[0])
+            # Float hyperparameters never change a dtype or a shape. Tensor ones are fitted to
+            # the parameters of each dtype (0-dim, in that dtype but at least float32); what a
+            # float32 one promotes in a low-precision 0-dim parameter is cast back.
+            fit = self._has_tensors(group, hp)
+            by_dtype = _by_dtype(names, params) if fit else {None: names}
+            for dtype, names in by_dtype.items():
+                compute = _HP_DTYPE.get(dtype, torch.float32) if dtype is not None else None
+                hp_d = {k: _fit(v, compute) for k, v in hp.items()} if compute is not None else hp
+                ps = [params[n] for n in names]
+                gs = [grads[n] for n in names]
+                expected = self._expected_slots(group, ps[0], hp_d)
+                try:
+                    slots = {slot: [state.slots[slot][n] for n in names] for slot in expected}
+                except KeyError:
+                    raise self._foreign_state(names, expected, state) from None
+                out, out_slots = self._step(ops, step, ps, gs, slots, hp_d)  # type: ignore[arg-type]
+                for i, n in enumerate(names):
+                    new_params[n] = out[i]
+                    new_step[n] = step
+                    for slot, values in out_slots.items():
+                        new_slots[slot][n] = values[i]
+                if compute is not None and compute is not dtype:
+                    _cast_back(names, params, new_params, slots, new_slots)
         return new_params, OptState(new_step, new_slots)
+
+    def _has_tensors(self, group: int, hp: Mapping[str, Any]) -> bool:
+        """Whether a group has a Tensor hyperparameter (cached: with_tensors keeps it so)."""
+        has = self._tensors_in.get(group)
+        if has is None:
+            has = any(isinstance(x, Tensor) for v in hp.values() for x in (v if isinstance(v, tuple) else (v,)))
+            self._tensors_in[group] = has
+        return has
+
+    def _foreign_state(self, names: list[str], expected: tuple[str, ...], state: OptState) -> ValueError:
+        name = next(n for n in names if any(n not in state.slots.get(s, {}) for s in expected))
+        found = [s for s, values in state.slots.items() if name in values]
+        return ValueError(_FOREIGN_STATE.format(cls=type(self).__name__, name=name, found=found, expected=list(expected)))
 
     def _backend(self) -> Ops:
         # torch 2.13's _foreach ops save their inputs for backward even where the backward
@@ -503,6 +521,31 @@ def _fit(v: Any, dtype: torch.dtype) -> Any:
     if isinstance(v, tuple):
         return tuple(_fit(x, dtype) for x in v)
     return v
+
+
+def _by_dtype(names: list[str], params: Mapping[str, Tensor]) -> dict[torch.dtype, list[str]]:
+    out: dict[torch.dtype, list[str]] = {}
+    for n in names:
+        out.setdefault(params[n].dtype, []).append(n)
+    return out
+
+
+def _cast_back(
+    names: list[str],
+    params: Mapping[str, Tensor],
+    new_params: Params,
+    slots: Slots,
+    new_slots: dict[str, dict[str, Tensor]],
+) -> None:
+    """Give each result the dtype of the value it replaces (differentiably)."""
+    for i, n in enumerate(names):
+        q, dtype = new_params[n], params[n].dtype
+        if q.dtype is not dtype:
+            new_params[n] = q.to(dtype)
+        for slot, before in slots.items():
+            v = new_slots[slot][n]
+            if v.dtype is not before[i].dtype:
+                new_slots[slot][n] = v.to(before[i].dtype)
 
 
 def _bad_grad(cls: str, name: str, g: object, p: Tensor) -> Exception:
