@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ class RMSprop(Optimizer):
     update NaN.
     """
 
-    _ranges = {"alpha": _Range(0.0, 1.0, hi_open=False)}
+    _ranges: ClassVar[Mapping[str, _Range | tuple[_Range, _Range]]] = {"alpha": _Range(0.0, 1.0, hi_open=False)}
 
     def __init__(
         self,

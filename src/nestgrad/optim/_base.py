@@ -272,7 +272,7 @@ class Optimizer(abc.ABC):
                     continue
                 for (label, k, x, valid), good in zip(group, ok.tolist(), strict=True):
                     if not good:
-                        raise ValueError(self._out_of_range(label, k, f"a Tensor holding {x.item()!r}", valid, where))
+                        raise ValueError(self._out_of_range(label, k, f"a Tensor holding {_value_of(x)}", valid, where))
 
     def _default(self, k: str) -> Any:
         parameter = inspect.signature(type(self).__init__).parameters.get(k)
@@ -281,10 +281,7 @@ class Optimizer(abc.ABC):
     def _out_of_range(self, label: str, k: str, got: str, valid: _Range, where: str) -> str:
         cls = type(self).__name__
         if where:
-            return (
-                f"{cls}{where}: {label} is {got} now, but it must be {valid}. "
-                f"{_IN_RANGE_AFTER_OUTER_STEPS}"
-            )
+            return f"{cls}{where}: {label} is {got} now, but it must be {valid}. {_IN_RANGE_AFTER_OUTER_STEPS}"
         default = self._default(k)
         example = f" (the default is {k}={default!r})" if default is not None else ""
         return f"{cls}: {label} must be {valid}; got {got}. Pass a value {valid}{example}."
@@ -334,9 +331,7 @@ class Optimizer(abc.ABC):
     def _group_index(self, name: str) -> int:
         index = self._group_of.get(name)
         if index is None:
-            hits = [
-                (i, [p for p in g["params"] if fnmatch.fnmatchcase(name, p)]) for i, g in enumerate(self.groups)
-            ]
+            hits = [(i, [p for p in g["params"] if fnmatch.fnmatchcase(name, p)]) for i, g in enumerate(self.groups)]
             hits = [(i, matched) for i, matched in hits if matched]
             if len(hits) > 1:
                 (a, pa), (b, pb) = hits[:2]
@@ -470,7 +465,9 @@ class Optimizer(abc.ABC):
     def _foreign_state(self, names: list[str], expected: tuple[str, ...], state: OptState) -> ValueError:
         name = next(n for n in names if any(n not in state.slots.get(s, {}) for s in expected))
         found = [s for s, values in state.slots.items() if name in values]
-        return ValueError(_FOREIGN_STATE.format(cls=type(self).__name__, name=name, found=found, expected=list(expected)))
+        return ValueError(
+            _FOREIGN_STATE.format(cls=type(self).__name__, name=name, found=found, expected=list(expected))
+        )
 
     def _backend(self) -> Ops:
         # torch 2.13's _foreach ops save their inputs for backward even where the backward
@@ -565,6 +562,15 @@ def _bad_grad(cls: str, name: str, g: object, p: Tensor) -> Exception:
         f"grads[{name!r}].to(params[{name!r}].dtype), or keep the parameter in the dtype "
         f"you compute gradients in."
     )
+
+
+def _value_of(x: Tensor) -> str:
+    """The value of a 1-element Tensor to the precision of its dtype: -0.1, not -0.10000000149."""
+    v = x.item()
+    if x.dtype is torch.float64 or not math.isfinite(v):
+        return repr(v)
+    text = f"{v:.{7 if x.dtype is torch.float32 else 4}g}"
+    return text if any(c in text for c in ".e") else text + ".0"
 
 
 def _is_functorch_wrapped(x: Tensor) -> bool:
