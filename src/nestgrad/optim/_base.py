@@ -392,7 +392,11 @@ class Optimizer(abc.ABC):
         """Apply one step and return ``(new_params, new_state)``, out of place.
 
         Parameters whose gradient is missing or ``None`` are left unchanged,
-        with their state, as ``torch.optim`` does.
+        with their state, as ``torch.optim`` does. Each gradient must have its
+        parameter's shape and dtype, and the state must hold this optimizer's slots
+        (those ``init`` makes); otherwise it raises. New parameters and slots keep
+        the shape and dtype of the ones they replace, whatever the shape (1-element)
+        or dtype of a Tensor hyperparameter.
         """
         if not isinstance(state, OptState):
             raise TypeError(
