@@ -272,13 +272,16 @@ def test_eps_root_keeps_meta_gradients_finite_when_a_gradient_is_exactly_zero(cl
     def loss_fn(p, batch, _):
         return ((p["w"] * x).sum() - 3.0) ** 2
 
-    def meta_grad(eps_root: float) -> torch.Tensor:
+    def meta_grad(eps_root: float, check_finite: bool = True) -> torch.Tensor:
         p = {"w": torch.tensor([0.5, 0.5], requires_grad=True)}
         extra = {"betas": (0.9, 0.9)} if cls is ng.optim.RAdam else {}  # reach RAdam's adaptive branch
-        out = ng.train(loss_fn, p, cls(lr=lr, eps_root=eps_root, **extra), [None], steps=8)
+        opt = cls(lr=lr, eps_root=eps_root, **extra)
+        out = ng.train(loss_fn, p, opt, [None], steps=8, check_finite=check_finite)
         return torch.autograd.grad(loss_fn(out, None, None), lr)[0]
 
-    assert torch.isnan(meta_grad(0.0)), "expected the documented NaN without eps_root"
+    assert torch.isnan(meta_grad(0.0, check_finite=False)), "expected the documented NaN without eps_root"
+    with pytest.raises(ng.NonFiniteError, match="eps_root"):  # which nestgrad.train reports by default
+        meta_grad(0.0)
     g = meta_grad(1e-30)
     assert torch.isfinite(g) and g != 0
     assert cls().defaults["eps_root"] == 1e-30  # the default is the safe one

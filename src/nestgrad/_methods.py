@@ -261,22 +261,27 @@ class _Watch(torch.autograd.Function):
 
 
 def _watch_inputs(problem: Problem, params: dict[str, Tensor]) -> tuple[Problem, dict[str, Tensor]]:
-    """Unroll's inputs (initial params and hparams that require grad) behind a :class:`_Watch`."""
-    tensors = problem.hparam_tensors()
-    named = {f"the initial params[{k!r}]": v for k, v in params.items() if v.requires_grad}
-    named |= {k: h for k, h in zip(problem.hparam_names(), tensors, strict=True) if h.requires_grad}
-    if not named:
-        return problem, params
+    """Unroll's inputs (initial params and hparams that require grad) behind :class:`_Watch` nodes.
 
-    def report(grads: tuple[Tensor, ...]) -> None:
-        if not finite([g for g in grads if g is not None]):
-            got = dict(zip(named, grads, strict=True))
-            what = "the hypergradient is not finite although the training run and the incoming gradient were, for"
-            raise backward_error("Unroll", what, bad_names(got), got, _UNROLL_NAN)  # type: ignore[arg-type]
+    The initial params share one node; every hparam tensor gets its own, so that a node reached
+    through one never makes another look connected (``reaches``, zero-filled gradients).
+    """
+    what = "the hypergradient is not finite although the training run and the incoming gradient were, for"
 
-    views = iter(_Watch.apply(report, *named.values()))
+    def watch(named: dict[str, Tensor]) -> list[Tensor]:
+        def report(grads: tuple[Tensor, ...]) -> None:
+            if not finite([g for g in grads if g is not None]):
+                got = dict(zip(named, grads, strict=True))
+                raise backward_error("Unroll", what, bad_names(got), got, _UNROLL_NAN)  # type: ignore[arg-type]
+
+        return list(_Watch.apply(report, *named.values())) if named else []
+
+    views = iter(watch({f"the initial params[{k!r}]": v for k, v in params.items() if v.requires_grad}))
     params = {k: next(views) if v.requires_grad else v for k, v in params.items()}
-    tensors = [next(views) if h.requires_grad else h for h in tensors]
+    tensors = [
+        watch({name: h})[0] if h.requires_grad else h
+        for name, h in zip(problem.hparam_names(), problem.hparam_tensors(), strict=True)
+    ]
     return problem.with_hparam_tensors(tensors), params
 
 
