@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -110,7 +111,8 @@ class _Adjoint(torch.autograd.Function):
             # Like autograd's own saved tensors: free the trajectory / Jacobian now, not when
             # the trained weights die.
             ctx.run, ctx.method_name = None, type(method).__name__
-        grad_params, grad_hparams = method.backward(problem, saved, dict(zip(names, grads, strict=True)))
+        replay = dataclasses.replace(problem, replay=True)  # re-running steps must not advance buffers again
+        grad_params, grad_hparams = method.backward(replay, saved, dict(zip(names, grads, strict=True)))
         return (None, None, None, *(grad_params.get(k) for k in names), *grad_hparams)
 
 

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._buffers import RunBuffers, running
 from ._data import Batches
 from ._explain import require_path
 from ._methods import Method, Unroll
@@ -78,6 +79,10 @@ class Problem:
     frozen: dict[str, Tensor]
     progress: bool = False
     check_path: bool = False  # check once that the hparams reach the loss (see ``loss``)
+    # Buffers (BatchNorm's running statistics): the run's copies advance in training steps only;
+    # a replay (``replay=True``: a backward pass re-running steps) gets throwaway copies.
+    replay: bool = False
+    buffers: RunBuffers = field(default_factory=RunBuffers, repr=False, compare=False)
 
     def hparam_tensors(self) -> list[Tensor]:
         """Every tensor a hypergradient can reach besides the initial params: the leaves of
@@ -100,7 +105,7 @@ class Problem:
         full = {**params, **self.frozen} if self.frozen else params
         hp = self.hparams if hparams is None else hparams
         batch = self.batches(t)
-        with _attention(math_sdpa):
+        with _attention(math_sdpa), running(self.buffers.throwaway() if self.replay else self.buffers):
             loss = self.loss_fn(full, batch, hp)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             got = _describe(loss)
@@ -115,7 +120,7 @@ class Problem:
             self.check_path = False
 
             def rerun(h: Any) -> Tensor:
-                with _attention(math_sdpa):
+                with _attention(math_sdpa), running(self.buffers.throwaway()):
                     return self.loss_fn(full, batch, h)
 
             require_path(loss, self.hparams, rerun)
@@ -268,6 +273,31 @@ def train(
             stacklevel=2,
         )
     check = bool(leaves) and torch.is_grad_enabled() and method.needs_path and any(t.requires_grad for _, t in leaves)
-    problem = Problem(loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen, progress, check)
-    trained = method.run(problem, trainable)
+    buffers = RunBuffers(frozen)
+    problem = Problem(loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen, progress, check, False, buffers)
+    versions = _versions(frozen)
+    # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
+    trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
+    _check_versions(frozen, versions)
+    buffers.warn_discarded()
+    trained = {**trained, **buffers.trained()}
     return {k: trained[k] if k in trained else v for k, v in params.items()}
+
+
+_FROZEN_WRITTEN = (
+    "nestgrad.train: loss_fn wrote params[{name!r}] in place (requires_grad=False, so ng.train passes it "
+    "to loss_fn as it is, without a copy), and so changed your tensor. Compute new tensors from the params "
+    "loss_fn receives instead of writing them; a module's buffers (BatchNorm) are fine: nestgrad.call runs "
+    "them on the run's copies."
+)
+
+
+def _versions(tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """The in-place write counters of ``tensors`` (a Python int each, no device sync)."""
+    return {k: v._version for k, v in tensors.items() if not v.is_inference()}
+
+
+def _check_versions(tensors: Mapping[str, Tensor], before: Mapping[str, int]) -> None:
+    for k, version in before.items():
+        if tensors[k]._version != version:
+            raise RuntimeError(_FROZEN_WRITTEN.format(name=k))
