@@ -162,11 +162,8 @@ def build(name: str) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
     model.register_forward_hook(lambda m, i, o: None)
     g = torch.Generator().manual_seed(1)
     tokens = name in ("tied-parameter", "gpt2", "bert")
-    batches = [
-        (torch.randint(0, 10, (6, 5), generator=g) if tokens else torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g))
-        for _ in range(5)
-    ]  # fmt: skip
-    return model, batches
+    inputs = [torch.randint(0, 10, (6, 5), generator=g) if tokens else torch.randn(6, 4, generator=g) for _ in range(5)]
+    return model, [(x, torch.randn(6, 3, generator=g)) for x in inputs]
 
 
 def loss_of(model: nn.Module) -> Callable[[Params, tuple[Tensor, Tensor], Tensor], Tensor]:
@@ -186,6 +183,15 @@ METHODS: dict[str, Callable[[], ng.Method]] = {
     "FiniteDiff": ng.FiniteDiff,
     "ZerothOrder": lambda: ng.ZerothOrder(samples=2, sigma=0.1, seed=0),
 }
+
+
+def sgd() -> ng.optim.SGD:
+    return ng.optim.SGD(lr=0.1)
+
+
+def one() -> Tensor:
+    """A hyperparameter (the loss's scale) to differentiate with respect to."""
+    return torch.tensor(1.0, requires_grad=True)
 
 
 def quietly(fn: Callable[[], Any]) -> Any:
@@ -265,7 +271,9 @@ def test_tied_submodule_alias_names_are_one_tensor() -> None:
     [("0.weight", (6, 5), (6, 4)), ("1.running_mean", (5,), (6,))],
     ids=["parameter", "buffer"],
 )
-def test_wrong_shape_names_the_tensor_and_both_shapes(name: str, bad: tuple[int, ...], expected: tuple[int, ...]) -> None:
+def test_wrong_shape_names_the_tensor_and_both_shapes(
+    name: str, bad: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
     model, batches = build("batchnorm")
     kind = "buffer" if "running" in name else "parameter"
     with unchanged(model), pytest.raises(ValueError) as info:
@@ -283,9 +291,12 @@ def test_train_and_backward_leave_the_module_as_it_was(name: str, method: str) -
     loss_fn = loss_of(model)
     h = torch.tensor(1.0, requires_grad=True)
     with unchanged(model):
-        for params in (dict(model.named_parameters()), {**dict(model.named_parameters()), **dict(model.named_buffers())}):
+        for params in (
+            dict(model.named_parameters()),
+            {**dict(model.named_parameters()), **dict(model.named_buffers())},
+        ):
             trained = quietly(
-                lambda p=params: ng.train(loss_fn, p, ng.optim.SGD(lr=0.1), batches, steps=3, hparams=h, method=METHODS[method]())
+                lambda p=params: ng.train(loss_fn, p, sgd(), batches, steps=3, hparams=h, method=METHODS[method]())
             )  # fmt: skip
             val = loss_fn({k: trained[k] for k, _ in model.named_parameters()}, batches[0], torch.tensor(1.0))
             quietly(lambda v=val: torch.autograd.grad(v, h))
@@ -294,7 +305,9 @@ def test_train_and_backward_leave_the_module_as_it_was(name: str, method: str) -
 @pytest.mark.parametrize("error", [Boom, KeyboardInterrupt], ids=["exception", "KeyboardInterrupt"])
 @pytest.mark.parametrize("method", ["Unroll", "Reverse", "ZerothOrder"])
 @pytest.mark.parametrize("name", ["tied-submodule", "batchnorm", "gpt2"])
-def test_train_leaves_the_module_as_it_was_when_loss_fn_raises(name: str, method: str, error: type[BaseException]) -> None:
+def test_train_leaves_the_module_as_it_was_when_loss_fn_raises(
+    name: str, method: str, error: type[BaseException]
+) -> None:
     model, batches = build(name)
     inner = loss_of(model)
 
@@ -305,7 +318,7 @@ def test_train_leaves_the_module_as_it_was_when_loss_fn_raises(name: str, method
 
     h = torch.tensor(1.0, requires_grad=True)
     with unchanged(model), pytest.raises(error):
-        ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.1), batches, steps=4, hparams=h, method=METHODS[method]())
+        ng.train(loss_fn, dict(model.named_parameters()), sgd(), batches, steps=4, hparams=h, method=METHODS[method]())
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -321,7 +334,7 @@ def test_loss_fn_writing_its_params_in_place_does_not_reach_the_callers_tensors(
     h = torch.tensor(1.0, requires_grad=True)
     with unchanged(model):
         trained = quietly(
-            lambda: ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.1), batches, steps=2, hparams=h,
+            lambda: ng.train(loss_fn, dict(model.named_parameters()), sgd(), batches, steps=2, hparams=h,
                              method=METHODS[method]())
         )  # fmt: skip
         val = F.mse_loss(ng.call(model, trained, batches[0][0]), batches[0][1])
@@ -337,7 +350,7 @@ def test_gradient_reaches_the_initial_params_through_the_run(float64: None) -> N
     model.double()
     batches = [(x.double(), y.double()) for x, y in batches]
     loss_fn = loss_of(model)
-    trained = ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.1), batches, steps=2, hparams=torch.tensor(1.0, requires_grad=True))
+    trained = ng.train(loss_fn, dict(model.named_parameters()), sgd(), batches, steps=2, hparams=one())
     F.mse_loss(ng.call(model, trained, batches[0][0]), batches[0][1]).backward()
     got = [p.grad.clone() for p in model.parameters()]
 
@@ -363,7 +376,7 @@ def test_loss_fn_writing_a_frozen_tensor_raises() -> None:
 
     params = {**dict(model.named_parameters()), "scale": scale}
     with pytest.raises(RuntimeError, match=r"wrote params\['scale'\] in place"):
-        quietly(lambda: ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), batches, steps=2, hparams=torch.tensor(1.0, requires_grad=True)))
+        quietly(lambda: ng.train(loss_fn, params, sgd(), batches, steps=2, hparams=one()))
 
 
 # -------------------------------------------------------------------- higher
@@ -437,7 +450,9 @@ def test_buffers_advance_once_per_training_step_with_every_method(
     h = torch.tensor(1.0, requires_grad=True)
     with unchanged(model):
         params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        trained = quietly(lambda: ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), batches, steps=5, hparams=h, method=METHODS[method]()))
+        trained = quietly(
+            lambda: ng.train(loss_fn, params, sgd(), batches, steps=5, hparams=h, method=METHODS[method]())
+        )
         kept = {k: trained[k].clone() for k, _ in model.named_buffers()}
         weights = {k: trained[k] for k, _ in model.named_parameters()}
         quietly(lambda: torch.autograd.grad(loss_fn(weights, batches[0], torch.tensor(1.0)), h))
@@ -451,7 +466,9 @@ def test_buffers_advance_once_per_training_step_with_every_method(
 
 
 @pytest.mark.parametrize("method", ["Reverse", "Reverse-checkpointed", "Forward"])
-def test_batchnorm_hypergradients_equal_unroll(bn_problem: tuple[nn.Module, list[tuple[Tensor, Tensor]]], method: str) -> None:
+def test_batchnorm_hypergradients_equal_unroll(
+    bn_problem: tuple[nn.Module, list[tuple[Tensor, Tensor]]], method: str
+) -> None:
     model, batches = bn_problem
     loss_fn = loss_of(model)
     names = [k for k, _ in model.named_parameters()]
@@ -473,7 +490,7 @@ def test_buffers_not_passed_are_discarded_with_a_warning_that_says_how_to_keep_t
 ) -> None:
     model, batches = bn_problem
     with unchanged(model), pytest.warns(UserWarning, match=r"'1\.num_batches_tracked' changed") as record:
-        trained = ng.train(loss_of(model), dict(model.named_parameters()), ng.optim.SGD(lr=0.1), batches, steps=5, hparams=torch.tensor(1.0, requires_grad=True))
+        trained = ng.train(loss_of(model), dict(model.named_parameters()), sgd(), batches, steps=5, hparams=one())
     (message,) = [str(w.message) for w in record if "buffers" in str(w.message)]
     assert "dict(model.named_buffers())" in message
     assert set(trained) == {k for k, _ in model.named_parameters()}
@@ -481,9 +498,9 @@ def test_buffers_not_passed_are_discarded_with_a_warning_that_says_how_to_keep_t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        ng.train(loss_of(model), params, ng.optim.SGD(lr=0.1), batches, steps=5, hparams=torch.tensor(1.0, requires_grad=True))
+        ng.train(loss_of(model), params, sgd(), batches, steps=5, hparams=one())
         model.eval()
-        ng.train(loss_of(model), dict(model.named_parameters()), ng.optim.SGD(lr=0.1), batches, steps=5, hparams=torch.tensor(1.0, requires_grad=True))
+        ng.train(loss_of(model), dict(model.named_parameters()), sgd(), batches, steps=5, hparams=one())
 
 
 def test_call_updates_only_the_buffers_passed_to_it(bn_problem: tuple[nn.Module, list[tuple[Tensor, Tensor]]]) -> None:

@@ -97,7 +97,9 @@ class RunBuffers:
             e.name for key, e in self._copies.items() if key not in self._given_ids and _version(e.copy) != e.version
         ]
         if changed:
-            names = ", ".join(repr(n) for n in changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            names = ", ".join(repr(n) for n in changed[:4]) + (
+                f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            )
             warnings.warn(_DISCARDED.format(names=names), UserWarning, stacklevel=3)
 
 

@@ -76,7 +76,11 @@ def _slots(module: nn.Module, layout: _Layout, params: Mapping[str, Tensor]) -> 
             kind = "buffer" if layout.canonical[name] in layout.buffers else "parameter"
             raise ValueError(
                 _SHAPE.format(
-                    name=name, got=tuple(value.shape), module=type(module).__name__, kind=kind, expected=tuple(own.shape)
+                    name=name,
+                    got=tuple(value.shape),
+                    module=type(module).__name__,
+                    kind=kind,
+                    expected=tuple(own.shape),
                 )
             )
         for slot in layout.tied.get(id(own), (layout.canonical[name],)):

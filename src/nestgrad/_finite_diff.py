@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -75,6 +75,10 @@ class FiniteDiff(AdjointMethod):
 
     eps: float = 0.01
     differentiates_params = False
+    nonfinite_hint: ClassVar[str] = (
+        "The training loss's gradient w.r.t. the hparams is not finite at the perturbed weights w ± eps·u: "
+        "lower eps, or look for log, sqrt or division in loss_fn that the perturbation pushes out of its domain."
+    )
 
     def __post_init__(self) -> None:
         e = self.eps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -129,6 +129,13 @@ class Forward(AdjointMethod):
     """
 
     differentiates_params = False
+    rereads: ClassVar[frozenset[str]] = frozenset()  # the Jacobian is all the backward pass reads
+    nonfinite_hint: ClassVar[str] = (
+        "The tangents carried through training overflowed or met an infinite derivative: with "
+        "Adam/RMSprop/Adagrad keep eps_root > 0 (the default 1e-30), since sqrt has an infinite derivative "
+        "at 0; otherwise look for sqrt, norm or pow at exactly 0 in loss_fn, or lower a learning rate at "
+        "which the run is near divergence."
+    )
 
     max_hparams: int = 4096
     chunk_size: int | None = 16

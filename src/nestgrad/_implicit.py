@@ -132,6 +132,13 @@ class Implicit(AdjointMethod):
     on_solve: Callable[[Solution], None] | None = field(default=None, repr=False, compare=False)
 
     differentiates_params: ClassVar[bool] = False
+    rereads: ClassVar[frozenset[str]] = frozenset({"hparams", "frozen", "trained"})
+    nonfinite_hint: ClassVar[str] = (
+        "The linear solve met a singular or indefinite system, or the mixed derivative at the trained weights "
+        "is infinite: check that training converged (the implicit function theorem needs an optimum), try "
+        "nestgrad.FixedPoint() or nestgrad.Neumann with a smaller alpha, and pass on_solve=print to see the "
+        "residuals; with Adam/RMSprop keep eps_root > 0."
+    )
 
     def __post_init__(self) -> None:
         s = self.solver

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._data import Batches
+from ._nonfinite import backward_error, bad_names, finite
 
 if TYPE_CHECKING:
     from ._train import Problem
@@ -56,6 +57,11 @@ class AdjointMethod(Method):
     """
 
     differentiates_params: ClassVar[bool] = True
+    #: What :meth:`backward` reads again of the user's tensors: some of "params" (the initial weights),
+    #: "hparams", "frozen" and "trained" (the outputs). Changing them in place before backward raises.
+    rereads: ClassVar[frozenset[str]] = frozenset({"hparams", "frozen"})
+    #: What a NaN or inf hypergradient from finite inputs means for this method, and what to do.
+    nonfinite_hint: ClassVar[str] = ""
 
     def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
         if not torch.is_grad_enabled():
@@ -93,12 +99,49 @@ def _keeps_graph() -> bool:
     return True if keep is None else bool(keep())
 
 
+_CHANGED = (
+    "nestgrad.train ({method}): {what} was modified in place after nestgrad.train returned (its version "
+    "counter went from {then} to {now}), but {method} reads it again in the backward pass, so the "
+    "hypergradient would be computed at the new value. Call backward() / torch.autograd.grad() before "
+    "changing it, or change it out of place (A = A - lr * A.grad instead of A -= ...)."
+)
+
+
+def _versions(method: AdjointMethod, problem: Problem, params: dict[str, Tensor], trained: Any) -> list[Any]:
+    """``(what, tensor, version)`` for every tensor of the user's that ``method.backward`` reads again."""
+    kinds = method.rereads
+    named: list[tuple[str, Tensor]] = []
+    if "params" in kinds:
+        named += [(f"params[{k!r}]", v) for k, v in params.items()]
+    if "frozen" in kinds:
+        named += [(f"params[{k!r}] (frozen)", v) for k, v in problem.frozen.items()]
+    if "hparams" in kinds:
+        named += list(zip(problem.hparam_names(), problem.hparam_tensors(), strict=True))
+    if "trained" in kinds:
+        named += [(f"the trained weight {k!r}", v) for k, v in trained.items()]
+    return [(what, x, x._version) for what, x in named]
+
+
+def _check_versions(method: str, versions: list[Any]) -> None:
+    for what, x, then in versions:
+        if x._version != then:
+            raise RuntimeError(_CHANGED.format(method=method, what=what, then=then, now=x._version))
+
+
+_OUTER_NAN = (
+    "It comes from the loss computed from the trained weights (the outer loss, or the next level), not from "
+    "this training run, whose steps were all checked and finite: look for NaN in that loss (log(0), division "
+    "by zero, a NaN label or weight)."
+)
+
+
 class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, method: AdjointMethod, problem: Problem, names: tuple[str, ...], *tensors: Tensor) -> Any:
         params = dict(zip(names, tensors[: len(names)], strict=True))
         trained, saved = method.forward(problem, params)
         ctx.run = (method, problem, names, saved)
+        ctx.versions = _versions(method, problem, params, trained)
         return tuple(trained[k] for k in names)
 
     @staticmethod
@@ -107,13 +150,55 @@ class _Adjoint(torch.autograd.Function):
         if ctx.run is None:
             raise RuntimeError(_FREED.format(method=ctx.method_name))
         method, problem, names, saved = ctx.run
+        name = type(method).__name__
+        _check_versions(name, ctx.versions)
         if not _keeps_graph():
             # Like autograd's own saved tensors: free the trajectory / Jacobian now, not when
             # the trained weights die.
-            ctx.run, ctx.method_name = None, type(method).__name__
+            ctx.run, ctx.method_name = None, name
+        incoming = dict(zip(names, grads, strict=True))
+        if problem.check_finite and not finite([g for g in grads if g is not None]):
+            what = "the gradient arriving at the trained weights is not finite:"
+            raise backward_error(name, what, bad_names(incoming), incoming, _OUTER_NAN)  # type: ignore[arg-type]
         replay = dataclasses.replace(problem, replay=True)  # re-running steps must not advance buffers again
-        grad_params, grad_hparams = method.backward(replay, saved, dict(zip(names, grads, strict=True)))
+        try:
+            grad_params, grad_hparams = method.backward(replay, saved, incoming)
+        except RuntimeError as err:
+            if is_out_of_memory(err):
+                raise out_of_memory(name, "in the backward pass") from err
+            raise
+        if problem.check_finite:
+            _check_hypergradient(name, method.nonfinite_hint, problem, grad_params, grad_hparams)
         return (None, None, None, *(grad_params.get(k) for k in names), *grad_hparams)
+
+
+def _check_hypergradient(
+    name: str, hint: str, problem: Problem, grad_params: dict[str, Tensor | None], grad_hparams: list[Tensor | None]
+) -> None:
+    """Raise NonFiniteError if a method's backward pass gave NaN or inf from finite inputs."""
+    got = [g for g in [*grad_params.values(), *grad_hparams] if g is not None]
+    if finite(got):
+        return
+    named = {f"the initial params[{k!r}]": g for k, g in grad_params.items() if g is not None}
+    named |= {k: g for k, g in zip(problem.hparam_names(), grad_hparams, strict=True) if g is not None}
+    what = "the hypergradient is not finite although the training run and the incoming gradient were, for"
+    raise backward_error(name, what, bad_names(named), named, hint)  # type: ignore[arg-type]
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocator's out-of-memory error (CUDA's, or the CPU's plain RuntimeError)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def out_of_memory(method: str, where: str) -> torch.OutOfMemoryError:
+    """The allocator's out-of-memory error, re-raised with the method, the step and what uses less memory."""
+    return torch.OutOfMemoryError(
+        f"nestgrad.train ({method}): out of memory {where}. Memory per method, for T steps: Unroll keeps T "
+        f"autograd graphs; Unroll(truncate=k) keeps k; Reverse() keeps T copies of the weights and optimizer "
+        f"state instead of graphs; Reverse(checkpoint_every=k) keeps T/k copies and one segment of k steps "
+        f"(k = sqrt(T) is the classic choice); Forward() and Implicit() keep memory independent of T. Smaller "
+        f"batches, or float32 instead of float64, help every method."
+    )
 
 
 @dataclass(frozen=True)

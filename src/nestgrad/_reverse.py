@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -45,6 +45,13 @@ class Reverse(AdjointMethod):
     """
 
     checkpoint_every: int | None = None
+
+    nonfinite_hint: ClassVar[str] = (
+        "The adjoint pulled back through the stored steps overflowed or met an infinite derivative: with "
+        "Adam/RMSprop/Adagrad keep eps_root > 0 (the default 1e-30), since sqrt has an infinite derivative "
+        "at 0; otherwise look for sqrt, norm or pow at exactly 0 in loss_fn, or lower a learning rate at "
+        "which training is near divergence."
+    )
 
     def __post_init__(self) -> None:
         k = self.checkpoint_every

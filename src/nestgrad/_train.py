@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._buffers import RunBuffers, running
 from ._data import Batches
-from ._explain import require_path
-from ._methods import Method, Unroll
+from ._explain import PathReport, reaches, require_path
+from ._methods import AdjointMethod, Method, Unroll, is_out_of_memory, out_of_memory
+from ._nonfinite import CHECK_EVERY, NonFiniteError, finite, training_error
 from .optim._base import Optimizer, OptState, _check_params, _describe
 
 LossFn = Callable[[dict[str, Tensor], Any, Any], Tensor]
@@ -63,6 +64,100 @@ def _attention(math_sdpa: bool) -> contextlib.AbstractContextManager[Any]:
     return sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext()
 
 
+_OUTSIDE = (
+    "nestgrad.train ({method}): at step {t}, the training loss depends on {what}, which requires grad but was "
+    "passed neither in params nor as hparams. {method} trains with its own copies of the params and hparams "
+    "and gives gradients only through them, so the gradient through this tensor would be silently lost "
+    "(Unroll would have given it). If it is one of the hparams, loss_fn must read it from its third argument, "
+    "not from a closure or a global. Otherwise pass it as hparams (ng.train(..., hparams=A) and read it from loss_fn's "
+    "third argument; a tuple or dict holds several), also when a data function uses it: compute that part "
+    "of the batch inside loss_fn from hparams. If it is a constant, .detach() it. If it is a module's own "
+    "weight (loss_fn calls model(x), or ng.call with a dict that leaves it out), pass it in params "
+    "(with requires_grad=False to keep it fixed)."
+)
+
+
+def _walks(t: int, steps: int) -> bool:
+    """The steps whose graph is searched for tensors outside params and hparams: 0-3, powers of 2, the last.
+
+    O(log T) walks per run: a tensor used from some step on is found by the next power of 2.
+    """
+    return t < 4 or t & (t - 1) == 0 or t == steps - 1
+
+
+def _next_sequence_nr() -> int:
+    """The sequence number the next autograd node created in this thread will get (at least)."""
+    probe = torch.zeros((), requires_grad=True)
+    with torch.enable_grad():
+        return (probe * 1).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
+
+
+def _describe_input(node: Any) -> str:
+    if type(node).__name__ == "AccumulateGrad":
+        v = node.variable
+        kind = "an nn.Parameter" if isinstance(v, torch.nn.Parameter) else "a leaf Tensor"
+        return f"{kind} of shape {tuple(v.shape)} and dtype {v.dtype}"
+    return f"a Tensor computed before this step (by {node.name()}), e.g. a closed-over tensor or a precomputed batch"
+
+
+def _require_inputs(loss: Tensor, allowed: set[int], start: int, t: int, method: str) -> None:
+    """Raise if ``loss`` reaches a tensor that requires grad other than the ``allowed`` leaves.
+
+    Walks the graph of this step back to its inputs: an ``AccumulateGrad`` of a leaf not in
+    ``allowed``, or any node created before the step began (sequence number below ``start``),
+    is a tensor from outside params and hparams. Only the step's own nodes are walked.
+    """
+    stack: list[Any] = [loss.grad_fn]
+    seen: dict[int, Any] = {}  # holds the nodes, so that no id is reused during the walk
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        if type(node).__name__ == "AccumulateGrad":
+            if id(node.variable) not in allowed:
+                raise RuntimeError(_OUTSIDE.format(method=method, t=t, what=_describe_input(node)))
+            continue
+        if node._sequence_nr() < start:
+            raise RuntimeError(_OUTSIDE.format(method=method, t=t, what=_describe_input(node)))
+        stack.extend(n for n, _ in node.next_functions)
+
+
+def _check_loss(loss: Any, t: int) -> None:
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        got = _describe(loss)
+        raise ValueError(
+            f"nestgrad.train: loss_fn must return a scalar Tensor; at step {t} it returned {got}. "
+            f"Reduce it with .mean() or .sum() (per-example weights go inside the reduction)."
+        )
+    if loss.is_complex():
+        raise TypeError(
+            f"nestgrad.train: loss_fn returned a complex scalar ({loss.dtype}) at step {t}; a loss to minimize "
+            f"must be real. Return loss.abs() or loss.real, or a real loss of the complex model's outputs."
+        )
+    if not loss.is_floating_point():
+        raise TypeError(
+            f"nestgrad.train: loss_fn returned a {loss.dtype} Tensor at step {t}, which has no gradient. "
+            f"Counts and accuracies such as (logits.argmax(1) == y).sum() are not differentiable; return a "
+            f"floating-point loss such as F.cross_entropy(logits, y)."
+        )
+
+
+def _tensor_hparam_names(optimizer: Optimizer) -> list[str]:
+    """Names of ``optimizer.tensors()``, in the same order: ``lr``, ``betas[0]``, ``groups[1].lr``."""
+    names: list[str] = []
+    for i, hp in enumerate([optimizer.defaults, *optimizer.groups]):
+        prefix = "" if i == 0 else f"groups[{i - 1}]."
+        for k, v in hp.items():
+            if k == "params":
+                continue
+            if isinstance(v, tuple):
+                names += [f"{prefix}{k}[{j}]" for j, x in enumerate(v) if isinstance(x, Tensor)]
+            elif isinstance(v, Tensor):
+                names.append(prefix + k)
+    return names
+
+
 @dataclass
 class Problem:
     """Everything a :class:`~nestgrad.Method` needs to run or replay a training run.
@@ -78,17 +173,29 @@ class Problem:
     hparams: Any
     frozen: dict[str, Tensor]
     progress: bool = False
-    check_path: bool = False  # check once that the hparams reach the loss (see ``loss``)
+    check_path: bool = False  # check that the hparams reach the loss, until a step's loss does (see ``loss``)
+    method: str = "Unroll"  # for messages
+    check_finite: bool = True  # raise NonFiniteError at the first non-finite loss or update (see ``step``)
+    strict: bool = False  # raise if the loss reaches a tensor that requires grad besides params and hparams
     # Buffers (BatchNorm's running statistics): the run's copies advance in training steps only;
     # a replay (``replay=True``: a backward pass re-running steps) gets throwaway copies.
     replay: bool = False
     buffers: RunBuffers = field(default_factory=RunBuffers, repr=False, compare=False)
+    at: int = field(default=0, init=False)  # the step running now, for messages
+    _unused: PathReport | None = field(default=None, init=False, repr=False)
+    _flags: list[tuple[int, Tensor]] = field(default_factory=list, init=False, repr=False)
+    _last: tuple[Any, ...] = field(default=(), init=False, repr=False)
 
     def hparam_tensors(self) -> list[Tensor]:
         """Every tensor a hypergradient can reach besides the initial params: the leaves of
         ``hparams``, then the optimizer's Tensor hyperparameters."""
         leaves = [] if self.hparams is None else pytree.tree_leaves(self.hparams)
         return [*leaves, *self.optimizer.tensors()]
+
+    def hparam_names(self) -> list[str]:
+        """Names of :meth:`hparam_tensors` for messages: ``hparams[0]``, ``optimizer lr``, ..."""
+        names = [name for name, _ in hparam_leaves(self.hparams)] if self.hparams is not None else []
+        return names + [f"optimizer {k}" for k in _tensor_hparam_names(self.optimizer)]
 
     def with_hparam_tensors(self, tensors: Sequence[Tensor]) -> Problem:
         """The same problem with :meth:`hparam_tensors` replaced (e.g. by fresh leaves)."""
@@ -104,27 +211,42 @@ class Problem:
         """The scalar training loss at step ``t``."""
         full = {**params, **self.frozen} if self.frozen else params
         hp = self.hparams if hparams is None else hparams
+        walk = self.strict and torch.is_grad_enabled() and _walks(t, self.steps)
+        start = _next_sequence_nr() if walk else 0
         batch = self.batches(t)
         with _attention(math_sdpa), running(self.buffers.throwaway() if self.replay else self.buffers):
             loss = self.loss_fn(full, batch, hp)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
-            got = _describe(loss)
-            raise ValueError(
-                f"nestgrad.train: loss_fn must return a scalar Tensor; at step {t} it returned {got}. "
-                f"Reduce it with .mean() or .sum() (per-example weights go inside the reduction)."
-            )
+        _check_loss(loss, t)
+        if walk and loss.grad_fn is not None:
+            # The method's own leaves: the params, and the hparams when they are live (not detached).
+            allowed = {id(v) for v in params.values()}
+            if hparams is None:
+                allowed |= {id(h) for h in self.hparam_tensors()}
+            _require_inputs(loss, allowed, start, t, self.method)
         if self.check_path and hparams is None and torch.is_grad_enabled():
-            # Once per run, on the first loss computed from the live hparams: one graph walk when
-            # the path exists; when it does not, loss_fn runs again under a tracker to say where
-            # it was cut, and DisconnectedError is raised instead of a silent zero later.
-            self.check_path = False
-
-            def rerun(h: Any) -> Tensor:
-                with _attention(math_sdpa), running(self.buffers.throwaway()):
-                    return self.loss_fn(full, batch, h)
-
-            require_path(loss, self.hparams, rerun)
+            self._check_path(loss, full, batch, math_sdpa)
         return loss
+
+    def _check_path(self, loss: Tensor, full: dict[str, Tensor], batch: Any, math_sdpa: bool) -> None:
+        """Raise DisconnectedError if the hparams reach this step's loss only through cut paths.
+
+        One graph walk when the path exists; when it does not, loss_fn runs again under a tracker to
+        say where it was cut. hparams that this step does not use at all may be used by a later one
+        (a schedule, a warm-up): the check goes on, and warns at the end of a run that never used them.
+        """
+        if self._unused is not None:  # not used by an earlier step: only look for a path from now on
+            self.check_path = not reaches(loss, self.hparams)
+            return
+
+        def rerun(h: Any) -> Tensor:
+            with _attention(math_sdpa), running(self.buffers.throwaway()):
+                return self.loss_fn(full, batch, h)
+
+        report = require_path(loss, self.hparams, rerun)
+        if report is not None and report.status == "unused":
+            self._unused = report
+        else:
+            self.check_path = False
 
     def grads(self, params: dict[str, Tensor], loss: Tensor, t: int, create_graph: bool) -> dict[str, Tensor | None]:
         """Gradients of ``loss`` w.r.t. ``params``; ``None`` where it does not depend on one."""
@@ -142,19 +264,59 @@ class Problem:
 
         With ``create_graph`` the new weights are a differentiable function of
         ``params``, ``state`` and the hyperparameters. Without it, the step is
-        plain first-order training and returns fresh leaves.
+        plain first-order training and returns fresh leaves. With ``check_finite``,
+        a non-finite loss or update raises :class:`~nestgrad.NonFiniteError`.
         """
+        self.at = t
         if create_graph:
             loss = self.loss(params, t)
-            params, state = self.optimizer.update(self.grads(params, loss, t, True), state, params)
-            return params, state, loss.detach()
-        params = {k: v.detach().requires_grad_() for k, v in params.items()}
-        with torch.enable_grad():
-            loss = self.loss(params, t, detach_tree(self.hparams), math_sdpa=False)
-            grads = self.grads(params, loss, t, False)
-        with torch.no_grad():
-            params, state = self.optimizer.update(grads, state, params)
-        return params, state, loss.detach()
+            grads = self.grads(params, loss, t, True)
+            new, new_state = self.optimizer.update(grads, state, params)
+        else:
+            params = {k: v.detach().requires_grad_() for k, v in params.items()}
+            with torch.enable_grad():
+                loss = self.loss(params, t, detach_tree(self.hparams), math_sdpa=False)
+                grads = self.grads(params, loss, t, False)
+            with torch.no_grad():
+                new, new_state = self.optimizer.update(grads, state, params)
+        if self.check_finite:
+            self._check_finite(t, (loss, params, grads, new, new_state))
+        return new, new_state, loss.detach()
+
+    def _check_finite(self, t: int, step: tuple[Any, ...]) -> None:
+        """Raise NonFiniteError if step ``t``'s loss or updated weights are not finite.
+
+        On the CPU, at once. Elsewhere the flag stays on the device, and the flags are read
+        every ``CHECK_EVERY`` steps and at the end of the run (``range``): no sync per step.
+        """
+        loss, _, _, new, _ = step
+        ok = finite([loss, *new.values()])
+        if ok.device.type == "cpu":
+            if not ok:
+                raise self._nonfinite(t, step)
+            return
+        self._flags.append((t, ok))
+        self._last = step
+        if len(self._flags) >= CHECK_EVERY:
+            self._read_flags()
+
+    def _read_flags(self) -> None:
+        """Read the flags accumulated on an accelerator (one sync) and raise at the first bad step."""
+        if not self._flags:
+            return
+        steps = [t for t, _ in self._flags]
+        oks = torch.stack([ok for _, ok in self._flags])
+        self._flags.clear()
+        if bool(oks.all()):
+            return
+        first = steps[int((~oks).nonzero()[0, 0])]
+        late = "" if first == steps[-1] else f" (details from step {steps[-1]}: flags are read every {CHECK_EVERY} steps)"
+        raise self._nonfinite(first, self._last, late)
+
+    def _nonfinite(self, t: int, step: tuple[Any, ...], late: str = "") -> NonFiniteError:
+        loss, before, grads, new, new_state = step
+        hp = list(zip(self.hparam_names(), self.hparam_tensors(), strict=True))
+        return training_error(self.method, t, self.steps, loss, before, grads, new, new_state.slots, hp, late)
 
     def fit(
         self,
@@ -180,14 +342,23 @@ class Problem:
                 after_step(t, loss)
         return {k: v.detach() for k, v in params.items()}, state
 
-    def range(self, start: int = 0, stop: int | None = None) -> Any:
-        """``range(start, stop)`` over the steps, with a tqdm bar when ``progress`` is set."""
-        steps = range(start, self.steps if stop is None else stop)
-        if not self.progress:
-            return steps
-        from tqdm.auto import tqdm
+    def range(self, start: int = 0, stop: int | None = None) -> Iterator[int]:
+        """The steps ``start, ..., stop - 1``, with a tqdm bar when ``progress`` is set.
 
-        return tqdm(steps, desc="nestgrad.train", leave=False, dynamic_ncols=True)
+        After the last step of a whole run, the finite flags still on an accelerator are read,
+        and hparams that no step's loss used are reported.
+        """
+        stop = self.steps if stop is None else stop
+        steps: Iterable[int] = range(start, stop)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"nestgrad.train ({self.method})", leave=False, dynamic_ncols=True)
+        yield from steps
+        self._read_flags()
+        if self.check_path and self._unused is not None and stop == self.steps:
+            self.check_path = False
+            warnings.warn(f"at none of the {self.steps} steps: {self._unused}", UserWarning, stacklevel=4)
 
 
 def train(
@@ -200,6 +371,7 @@ def train(
     hparams: Any = None,
     method: Method | None = None,
     progress: bool = False,
+    check_finite: bool = True,
 ) -> dict[str, Tensor]:
     """Run ``steps`` optimizer updates and return the trained weights.
 
@@ -225,6 +397,11 @@ def train(
             are a fine ``hparams``: that is how levels compose.
         method: a :class:`~nestgrad.Method`; default :class:`~nestgrad.Unroll`.
         progress: show a tqdm progress bar over the steps.
+        check_finite: raise :class:`~nestgrad.NonFiniteError` at the first step whose loss or
+            update is NaN or inf (naming the step, the tensor and likely fixes), and when a
+            method's backward pass meets one. ``False`` lets NaN and inf through. On the CPU
+            each step is checked; on an accelerator the flags are read every 32 steps and at the
+            end, without a sync per step.
 
     Returns:
         ``dict[str, Tensor]`` with the same names as ``params``.
@@ -240,6 +417,12 @@ def train(
         >>> (dA,) = torch.autograd.grad(val, A)
     """
     _check_params(params, "params", "nestgrad.train")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "nestgrad.train: called inside torch.inference_mode(), which forbids the autograd that every "
+            "training step needs (even without hypergradients). For plain training without hypergradients, "
+            "use torch.no_grad() instead."
+        )
     if not isinstance(optimizer, Optimizer):
         hint = ""
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -249,19 +432,16 @@ def train(
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"nestgrad.train: steps must be an int >= 1; got {steps!r}.")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"nestgrad.train: check_finite must be True or False; got {_describe(check_finite)}.")
     method = Unroll() if method is None else method
     if not isinstance(method, Method):
         raise TypeError(
             f"nestgrad.train: method must be a nestgrad method object such as nestgrad.Unroll(); "
             f"got {_describe(method)}."
         )
-    trainable = {k: v for k, v in params.items() if v.requires_grad}
-    frozen = {k: v for k, v in params.items() if not v.requires_grad}
-    if not trainable:
-        raise ValueError(
-            "nestgrad.train: every tensor in params has requires_grad=False, so there is nothing to "
-            "train. Call .requires_grad_() on the weights to train (frozen ones may stay as they are)."
-        )
+    trainable = _trainable(params)
+    frozen = {k: v for k, v in params.items() if k not in trainable}
     leaves = list(hparam_leaves(hparams)) if hparams is not None else []
     if leaves and torch.is_grad_enabled() and not any(t.requires_grad for _, t in leaves):
         names = ", ".join(p for p, _ in leaves[:3])
@@ -273,15 +453,63 @@ def train(
             stacklevel=2,
         )
     check = bool(leaves) and torch.is_grad_enabled() and method.needs_path and any(t.requires_grad for _, t in leaves)
+    strict = isinstance(method, AdjointMethod) and torch.is_grad_enabled()
+    name = type(method).__name__
+    batches = method.batches(data, steps)
     buffers = RunBuffers(frozen)
-    problem = Problem(loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen, progress, check, False, buffers)
-    versions = _versions(frozen)
-    # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
-    trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
-    _check_versions(frozen, versions)
+    problem = Problem(loss_fn, optimizer, batches, steps, hparams, frozen, progress, check, name, check_finite, strict)
+    problem.buffers = buffers
+    versions = _write_counts(frozen)
+    try:
+        # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
+        trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
+    except RuntimeError as err:
+        if is_out_of_memory(err):
+            raise out_of_memory(name, f"at step {problem.at} of {steps}") from err
+        raise
+    _check_unwritten(frozen, versions)
     buffers.warn_discarded()
     trained = {**trained, **buffers.trained()}
     return {k: trained[k] if k in trained else v for k, v in params.items()}
+
+
+def _trainable(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of ``params`` that require grad; raise clearly when there are none, or they cannot train."""
+    meta = [k for k, v in params.items() if v.is_meta]
+    if meta:
+        raise ValueError(
+            f"nestgrad.train: params {meta[:3]} are on the meta device: they have a shape but no values, so "
+            f"there is nothing to train. Materialize the model first, e.g. model.to_empty(device='cpu') and "
+            f"then initialize its weights (or load a state dict), and pass dict(model.named_parameters())."
+        )
+    inference = [k for k, v in params.items() if v.is_inference()]
+    if inference:
+        raise RuntimeError(
+            f"nestgrad.train: params {inference[:3]} were created under torch.inference_mode(), and such tensors "
+            f"can never take part in autograd. Create the model outside inference mode, or pass clones made "
+            f"outside it: {{k: v.clone() for k, v in params.items()}}."
+        )
+    trainable = {k: v for k, v in params.items() if v.requires_grad}
+    if trainable:
+        return trainable
+    if not params:
+        raise ValueError(
+            "nestgrad.train: params is empty, so there is nothing to train. Pass the weights to train, "
+            "e.g. dict(model.named_parameters())."
+        )
+    floats = [k for k, v in params.items() if v.is_floating_point() or v.is_complex()]
+    if not floats:
+        dtypes = sorted({str(v.dtype) for v in params.values()})
+        raise TypeError(
+            f"nestgrad.train: params holds only non-floating-point tensors ({', '.join(dtypes)}), which cannot "
+            f"require grad or be trained by gradient descent. Pass floating-point weights (e.g. "
+            f"torch.randn(3, dtype=torch.float64, requires_grad=True)); integer data such as token ids belongs "
+            f"in data, not params."
+        )
+    raise ValueError(
+        "nestgrad.train: every tensor in params has requires_grad=False, so there is nothing to train. "
+        "Call .requires_grad_() on the weights to train (frozen ones may stay as they are)."
+    )
 
 
 _FROZEN_WRITTEN = (
@@ -292,12 +520,13 @@ _FROZEN_WRITTEN = (
 )
 
 
-def _versions(tensors: Mapping[str, Tensor]) -> dict[str, int]:
+def _write_counts(tensors: Mapping[str, Tensor]) -> dict[str, int]:
     """The in-place write counters of ``tensors`` (a Python int each, no device sync)."""
     return {k: v._version for k, v in tensors.items() if not v.is_inference()}
 
 
-def _check_versions(tensors: Mapping[str, Tensor], before: Mapping[str, int]) -> None:
+def _check_unwritten(tensors: Mapping[str, Tensor], before: Mapping[str, int]) -> None:
     for k, version in before.items():
         if tensors[k]._version != version:
             raise RuntimeError(_FROZEN_WRITTEN.format(name=k))
+

@@ -93,6 +93,14 @@ class ZerothOrder(AdjointMethod):
     seed: int | None = None
     differentiates_params = False
     needs_path: ClassVar[bool] = False  # it estimates through cut paths: that is what it is for
+    nonfinite_hint: ClassVar[str] = (
+        "A perturbed training run at hparams ± sigma·ε overflowed in the outer loss's linearization: lower sigma."
+    )
+
+    @property
+    def rereads(self) -> frozenset[str]:  # type: ignore[override]
+        """The re-runs start again from the initial params; one-sided differences reuse the trained weights."""
+        return frozenset({"params", "hparams", "frozen", *(() if self.antithetic else ("trained",))})
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,140 @@
+"""Non-finite values in a training run: found at the step where they appear, named, never passed on.
+
+Every step of every method is checked (``Problem.step``): the loss and the updated weights,
+with one fused reduction (an infinity norm per tensor, stacked). A NaN or inf in a gradient
+or an optimizer state reaches the updated weights in the same step, so these two are enough
+to detect anything; only when something is found is the step examined in detail (which
+gradient, which state slot) to write the message. On the CPU the check runs every step (its
+cost is in ``benchmarks/bench_unroll.py``); on an accelerator the flags stay on the device and
+are read every :data:`CHECK_EVERY` steps and at the end of the run, so there is no host sync
+per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+#: Steps between two host reads of the accumulated flags on an accelerator.
+CHECK_EVERY = 32
+
+_OPT_OUT = "To let NaN and inf through (e.g. to inspect them yourself), pass check_finite=False to nestgrad.train."
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient, weight, optimizer state or hypergradient became NaN or inf.
+
+    Raised by :func:`nestgrad.train` at the first step where it happens (naming the step,
+    the method, what went non-finite and the likely fixes), and by the backward pass of
+    every method that computes its own hypergradient. ``check_finite=False`` turns it off.
+    """
+
+
+def finite(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool Tensor: whether every floating-point element of ``tensors`` is finite (no sync)."""
+    floats = [x.detach() for x in tensors if x.is_floating_point() or x.is_complex()]
+    if not floats:
+        return torch.ones((), dtype=torch.bool)
+    with torch.no_grad():
+        norms = torch._foreach_norm(floats, ord=float("inf"))
+        return torch.stack(norms).isfinite().all() if len(norms) > 1 else norms[0].isfinite()
+
+
+def bad_names(named: Mapping[str, Tensor | None] | Iterable[tuple[str, Tensor | None]]) -> list[str]:
+    """The names whose tensor holds a NaN or inf (one sync per tensor: only for messages)."""
+    items = named.items() if isinstance(named, Mapping) else named
+    return [k for k, x in items if x is not None and x.is_floating_point() and not bool(finite([x]))]
+
+
+def _what(x: Tensor) -> str:
+    """``"nan"``, ``"inf"``, or ``"3 NaN and 1 inf of 10 elements"``."""
+    x = x.detach()
+    if x.numel() == 1:
+        return str(x.item())
+    nan, inf = int(x.isnan().sum()), int(x.isinf().sum())
+    parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)} of {x.numel()} elements"
+
+
+def _names(names: list[str], tensors: Mapping[str, Tensor]) -> str:
+    shown = ", ".join(f"{k!r} ({_what(tensors[k])})" for k in names[:4])
+    return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def training_error(
+    method: str,
+    t: int,
+    steps: int,
+    loss: Tensor,
+    before: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor | None],
+    after: Mapping[str, Tensor],
+    slots: Mapping[str, Mapping[str, Tensor]],
+    hparams: Sequence[tuple[str, Tensor]],
+    late: str = "",
+) -> NonFiniteError:
+    """The error for a step whose loss or update is non-finite: what went wrong first, and why."""
+    head = f"nestgrad.train ({method}): at step {t} of {steps}{late}, "
+    entering = bad_names(before)
+    if entering:
+        where = "the initial params" if t == 0 else "the weights entering this step"
+        return NonFiniteError(
+            f"{head}{where} are not finite: {_names(entering, before)}. "
+            + ("Check how they were initialized or loaded. " if t == 0 else "")
+            + _OPT_OUT
+        )
+    hp = dict(hparams)
+    bad_hp = bad_names(hp)
+    if bad_hp:
+        return NonFiniteError(
+            f"{head}a hyperparameter is not finite: {_names(bad_hp, hp)}. A NaN hyperparameter usually comes "
+            f"from an outer step that diverged (lower the outer learning rate) or from a NaN hypergradient "
+            f"applied without a check. {_OPT_OUT}"
+        )
+    if not bool(finite([loss])):
+        cause = (
+            "loss_fn returned it from finite weights and hyperparameters: look for log(0) or log of a negative "
+            "number (use F.log_softmax / F.cross_entropy, or clamp the argument), division by zero, sqrt of a "
+            "negative number, or exp overflowing"
+        )
+        if t > 0:
+            largest = max((float(x.detach().abs().max()) for x in before.values() if x.numel()), default=0.0)
+            cause += (
+                f"; the weights entering this step reach |w| = {largest:.3g}: after some finite steps this is "
+                f"usually divergence, so lower the learning rate"
+            )
+        return NonFiniteError(f"{head}the training loss is {_what(loss)}: {cause}. {_OPT_OUT}")
+    bad_g = bad_names(grads)
+    if bad_g:
+        finite_g = {k: g for k, g in grads.items() if g is not None}
+        return NonFiniteError(
+            f"{head}the loss is finite ({loss.item():.6g}) but the gradient of {_names(bad_g, finite_g)} is not: "
+            f"loss_fn has a point where its derivative is infinite, e.g. sqrt or torch.norm at exactly 0 "
+            f"(add a small constant inside: sqrt(x + 1e-12)), log near 0, or pow with a fractional exponent "
+            f"at 0. {_OPT_OUT}"
+        )
+    for slot, values in slots.items():
+        bad_s = bad_names(values)
+        if bad_s:
+            return NonFiniteError(
+                f"{head}the loss and gradients are finite but the optimizer state {slot!r} of "
+                f"{_names(bad_s, values)} is not: the update overflowed (a very large gradient squared, or "
+                f"a NaN/inf hyperparameter such as eps). Lower the learning rate or clip the gradients in "
+                f"loss_fn. {_OPT_OUT}"
+            )
+    bad_p = bad_names(after)
+    return NonFiniteError(
+        f"{head}the loss, gradients and optimizer state are finite but the update made "
+        f"{_names(bad_p, after)} non-finite: check the optimizer's hyperparameters (a learning rate, momentum or "
+        f"eps that is NaN or inf; eps=0 with eps_root=0 in Adam/RMSprop divides by zero where a gradient entry "
+        f"has always been 0: keep eps > 0 or eps_root > 0), or lower a learning rate that overflows. {_OPT_OUT}"
+    )
+
+
+def backward_error(method: str, what: str, names: list[str], tensors: Mapping[str, Tensor], hint: str) -> NonFiniteError:
+    """The error for a non-finite value in a method's backward pass."""
+    return NonFiniteError(
+        f"nestgrad.train ({method}): in the backward pass, {what} {_names(names, tensors)}. {hint} {_OPT_OUT}"
+    )
