@@ -11,6 +11,7 @@ from ._finite_diff import FiniteDiff
 from ._forward import Forward
 from ._implicit import Implicit
 from ._methods import AdjointMethod, Method, Unroll
+from ._nonfinite import NonFiniteError
 from ._reverse import Reverse
 from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Neumann, Solution
 from ._train import LossFn, Problem, train
@@ -32,6 +33,7 @@ __all__ = [
     "LossFn",
     "Method",
     "Neumann",
+    "NonFiniteError",
     "PartialPathWarning",
     "PathReport",
     "Problem",

@@ -856,23 +856,23 @@ def _enforce(report: PathReport, stacklevel: int) -> None:
         warnings.warn(str(report), PartialPathWarning, stacklevel=stacklevel)
 
 
-def require_path(loss: Tensor, hparams: Any, rerun: Callable[[Any], Tensor]) -> None:
+def require_path(loss: Tensor, hparams: Any, rerun: Callable[[Any], Tensor]) -> PathReport | None:
     """Raise :class:`DisconnectedError` when ``loss`` does not reach ``hparams``, explaining why.
 
     The check is :func:`reaches`, one pass over ``loss``'s graph. Only when it
     fails is ``rerun(hparams)`` (the same computation again) run under a
     :class:`Tracker`, with the RNG state restored afterwards, to say where the
-    path is cut. When ``rerun`` does not use the hparams at all, this only warns:
-    they may be used later (e.g. from some training step on).
+    path is cut. Returns ``None`` when the path exists, and the report when
+    ``rerun`` does not use the hparams at all: the caller decides, since they may
+    be used later (e.g. from some training step on).
     """
     leaves = _leaves(hparams)
     if not any(h.requires_grad for h in leaves) or reaches(loss, leaves):
-        return
+        return None
     cuda = [loss.device.index or 0] if loss.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), tracking(hparams) as tracker:
         again = rerun(hparams)
     report = tracker.report(again)
-    if report.status == "unused":
-        warnings.warn(str(report), UserWarning, stacklevel=3)
-    else:
-        _enforce(report, stacklevel=3)
+    if report.status != "unused":
+        _enforce(report, stacklevel=4)
+    return report

@@ -1,10 +1,10 @@
 """Non-finite values in a training run: found at the step where they appear, named, never passed on.
 
-Every step of every method is checked (``Problem.step``): the loss and the updated weights,
-with one fused reduction (an infinity norm per tensor, stacked). A NaN or inf in a gradient
-or an optimizer state reaches the updated weights in the same step, so these two are enough
-to detect anything; only when something is found is the step examined in detail (which
-gradient, which state slot) to write the message. On the CPU the check runs every step (its
+Every step of every method is checked (``Problem.step``): the loss, the updated weights and
+the optimizer state, with one fused reduction (an infinity norm per tensor, stacked). A NaN
+or inf in a gradient reaches the updated weights or the state in the same step, so these are
+enough to detect anything; only when something is found is the step examined in detail
+(which gradient, which state slot) to write the message. On the CPU the check runs every step (its
 cost is in ``benchmarks/bench_unroll.py``); on an accelerator the flags stay on the device and
 are read every :data:`CHECK_EVERY` steps and at the end of the run, so there is no host sync
 per step.
@@ -133,7 +133,9 @@ def training_error(
     )
 
 
-def backward_error(method: str, what: str, names: list[str], tensors: Mapping[str, Tensor], hint: str) -> NonFiniteError:
+def backward_error(
+    method: str, what: str, names: list[str], tensors: Mapping[str, Tensor], hint: str
+) -> NonFiniteError:
     """The error for a non-finite value in a method's backward pass."""
     return NonFiniteError(
         f"nestgrad.train ({method}): in the backward pass, {what} {_names(names, tensors)}. {hint} {_OPT_OUT}"

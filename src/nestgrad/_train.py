@@ -284,13 +284,13 @@ class Problem:
         return new, new_state, loss.detach()
 
     def _check_finite(self, t: int, step: tuple[Any, ...]) -> None:
-        """Raise NonFiniteError if step ``t``'s loss or updated weights are not finite.
+        """Raise NonFiniteError if step ``t``'s loss, updated weights or optimizer state are not finite.
 
         On the CPU, at once. Elsewhere the flag stays on the device, and the flags are read
         every ``CHECK_EVERY`` steps and at the end of the run (``range``): no sync per step.
         """
-        loss, _, _, new, _ = step
-        ok = finite([loss, *new.values()])
+        loss, _, _, new, new_state = step
+        ok = finite([loss, *new.values(), *new_state.tensors()])
         if ok.device.type == "cpu":
             if not ok:
                 raise self._nonfinite(t, step)
@@ -310,7 +310,9 @@ class Problem:
         if bool(oks.all()):
             return
         first = steps[int((~oks).nonzero()[0, 0])]
-        late = "" if first == steps[-1] else f" (details from step {steps[-1]}: flags are read every {CHECK_EVERY} steps)"
+        late = (
+            "" if first == steps[-1] else f" (details from step {steps[-1]}: flags are read every {CHECK_EVERY} steps)"
+        )
         raise self._nonfinite(first, self._last, late)
 
     def _nonfinite(self, t: int, step: tuple[Any, ...], late: str = "") -> NonFiniteError:

@@ -101,6 +101,7 @@ class ZerothOrder(AdjointMethod):
     def rereads(self) -> frozenset[str]:  # type: ignore[override]
         """The re-runs start again from the initial params; one-sided differences reuse the trained weights."""
         return frozenset({"params", "hparams", "frozen", *(() if self.antithetic else ("trained",))})
+
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
