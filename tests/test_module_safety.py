@@ -514,3 +514,22 @@ def test_call_updates_only_the_buffers_passed_to_it(bn_problem: tuple[nn.Module,
     torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
     for k, v in reference.named_buffers():
         torch.testing.assert_close(mine[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_initial_params_changed_after_train_do_not_reach_the_backward_pass() -> None:
+    """ZerothOrder re-runs training from the initial params: from its clone of them, not the caller's tensors."""
+    model, batches = build("batchnorm")
+    loss_fn = loss_of(model)
+
+    def hypergradient(change: bool) -> Tensor:
+        params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+        h = one()
+        method = ng.ZerothOrder(samples=2, sigma=0.1, seed=0)
+        trained = quietly(lambda: ng.train(loss_fn, params, sgd(), batches, steps=3, hparams=h, method=method))
+        if change:
+            with torch.no_grad():
+                params["0.weight"].mul_(0.5)
+        val = loss_fn({k: trained[k] for k in params}, batches[0], torch.tensor(1.0))
+        return torch.autograd.grad(val, h)[0]
+
+    torch.testing.assert_close(hypergradient(True), hypergradient(False), rtol=0, atol=0)
