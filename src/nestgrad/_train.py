@@ -390,6 +390,9 @@ def train(
         params: initial weights, name -> Tensor, e.g.
             ``dict(model.named_parameters())``. Tensors with
             ``requires_grad=False`` are frozen: passed to ``loss_fn`` unchanged.
+            Buffers passed here (``**dict(model.named_buffers())``) are training
+            state: :func:`nestgrad.call` runs them on copies that advance once per
+            training step, and the result holds the trained ones.
         optimizer: a :mod:`nestgrad.optim` optimizer.
         data: a sequence of batches (cycled), an iterator or iterable of
             batches, or a function ``step -> batch``.
@@ -407,6 +410,14 @@ def train(
 
     Returns:
         ``dict[str, Tensor]`` with the same names as ``params``.
+
+    Your tensors and module are never changed: ``loss_fn`` receives clones of
+    the trainable ``params`` (gradients still reach them), and buffers that a
+    module updates in train mode (BatchNorm) run on the run's copies. Replays in
+    a backward pass use throwaway copies, which assumes the loss does not read
+    the buffers it updates (true for BatchNorm in train mode, which normalizes
+    with batch statistics). Buffers not passed in ``params`` are discarded at
+    the end, with a warning if they changed.
 
     Example:
         >>> def loss_fn(p, batch, A):
