@@ -542,4 +542,3 @@ def _check_unwritten(tensors: Mapping[str, Tensor], before: Mapping[str, int]) -
     for k, version in before.items():
         if tensors[k]._version != version:
             raise RuntimeError(_FROZEN_WRITTEN.format(name=k))
-
