@@ -36,6 +36,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib.metadata
 import json
@@ -127,10 +128,13 @@ def _nestgrad_loss(s: Setup) -> Callable[[dict[str, Tensor], Any, Tensor], Tenso
     return loss_fn
 
 
-def run_nestgrad_plain(s: Setup) -> dict[str, Tensor]:
+def run_nestgrad_plain(s: Setup, check_finite: bool = True) -> dict[str, Tensor]:
     """``nestgrad.train`` under ``torch.no_grad()``: first-order training."""
     with torch.no_grad():
-        return ng.train(_nestgrad_loss(s), s.init, ng.optim.SGD(lr=LR), [(s.x, s.y)], steps=s.steps, hparams=s.weights)
+        return ng.train(
+            _nestgrad_loss(s), s.init, ng.optim.SGD(lr=LR), [(s.x, s.y)],
+            steps=s.steps, hparams=s.weights, check_finite=check_finite,
+        )  # fmt: skip
 
 
 def run_hand_written(s: Setup) -> Tensor:
@@ -145,11 +149,11 @@ def run_hand_written(s: Setup) -> Tensor:
     return dw
 
 
-def run_nestgrad_unroll(s: Setup) -> Tensor:
-    """``nestgrad.train(..., method=Unroll())``, then the gradient of the validation loss."""
+def run_nestgrad_unroll(s: Setup, method: ng.Method | None = None, check_finite: bool = True) -> Tensor:
+    """``nestgrad.train(..., method=Unroll())`` (or ``method``), then the gradient of the validation loss."""
     trained = ng.train(
         _nestgrad_loss(s), s.init, ng.optim.SGD(lr=LR), [(s.x, s.y)],
-        steps=s.steps, hparams=s.weights, method=ng.Unroll(),
+        steps=s.steps, hparams=s.weights, method=method or ng.Unroll(), check_finite=check_finite,
     )  # fmt: skip
     val = F.cross_entropy(ng.call(s.model, trained, s.x_val), s.y_val)
     (dw,) = torch.autograd.grad(val, s.weights)
@@ -186,7 +190,18 @@ VARIANTS = [
     Variant("hand-written", "hand-written `functional_call` unroll", "hypergrad", "hand-written", run_hand_written),
     Variant("nestgrad-unroll", "`nestgrad.train(method=Unroll())`", "hypergrad", "hand-written", run_nestgrad_unroll),
     Variant("higher", "`higher.innerloop_ctx` + `torch.optim.SGD`", "hypergrad", "hand-written", run_higher),
-]
+    # The cost of nestgrad's checks (non-finite values every step; for Reverse also the search for
+    # tensors outside hparams): each shipped default against the same call with check_finite=False.
+    Variant("nestgrad-plain-unchecked", "`nestgrad.train` under `torch.no_grad()`, `check_finite=False`",
+            "train", "nestgrad-plain", functools.partial(run_nestgrad_plain, check_finite=False)),
+    Variant("nestgrad-unroll-unchecked", "`nestgrad.train(method=Unroll(), check_finite=False)`",
+            "hypergrad", "nestgrad-unroll", functools.partial(run_nestgrad_unroll, check_finite=False)),
+    Variant("nestgrad-reverse", "`nestgrad.train(method=Reverse())`", "hypergrad", "hand-written",
+            functools.partial(run_nestgrad_unroll, method=ng.Reverse())),
+    Variant("nestgrad-reverse-unchecked", "`nestgrad.train(method=Reverse(), check_finite=False)`",
+            "hypergrad", "nestgrad-reverse",
+            functools.partial(run_nestgrad_unroll, method=ng.Reverse(), check_finite=False)),
+]  # fmt: skip
 BY_NAME = {v.name: v for v in VARIANTS}
 
 
@@ -278,11 +293,13 @@ def check_answers(s: Setup, outputs: dict[str, Any]) -> None:
         val0 = F.cross_entropy(s.model(s.x_val), s.y_val).item()
         val1 = F.cross_entropy(functional_call(s.model, outputs["plain"], (s.x_val,)), s.y_val).item()
     print(f"- validation loss: {val0:.4f} before training, {val1:.4f} after {s.steps} steps")
-    mx, nm = rel_diff(_flat(outputs["nestgrad-plain"]), _flat(outputs["plain"]))
-    print(f"- trained weights, nestgrad no_grad vs torch.optim: max rel diff {mx:.2e} (norm-wise {nm:.2e})")
+    for name in ("nestgrad-plain", "nestgrad-plain-unchecked"):
+        mx, nm = rel_diff(_flat(outputs[name]), _flat(outputs["plain"]))
+        print(f"- trained weights, {name} vs torch.optim: max rel diff {mx:.2e} (norm-wise {nm:.2e})")
     ref = outputs["hand-written"]
     worst = 0.0
-    for name in ("nestgrad-unroll", "higher"):
+    for name in ("nestgrad-unroll", "nestgrad-unroll-unchecked", "nestgrad-reverse", "nestgrad-reverse-unchecked",
+                 "higher"):  # fmt: skip
         if name in outputs:
             mx, nm = rel_diff(outputs[name], ref)
             worst = max(worst, mx)
@@ -356,6 +373,9 @@ def report(
     else:
         print("- nestgrad Unroll faster than higher: not measured (higher did not run)")
     target("nestgrad no_grad <= 1.25x plain torch.optim", "nestgrad-plain", "plain", 1.25)
+    for kind in ("plain", "unroll", "reverse"):
+        target(f"checks cost <= 2% ({kind}: shipped default vs check_finite=False)",
+               f"nestgrad-{kind}", f"nestgrad-{kind}-unchecked", 1.02)  # fmt: skip
 
 
 def main() -> None:

@@ -224,6 +224,16 @@ def test_gradcheck_one_step(case, foreach):
     grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
     slot_keys = [(s, n) for s in state.slots for n in state.slots[s]]
     names = list(params)
+    # gradcheck perturbs each input by 1e-6, which takes eps=1e-8 below 0, out of its range:
+    # build the optimizer once with valid values and swap the perturbed Tensors in, as the
+    # hypergradient methods do (with_tensors does not re-check values).
+    hp0 = [torch.tensor(float(_get(base, k))) for k in hp_keys]
+    template_kwargs = base
+    for k, x in zip(hp_keys, hp0, strict=True):
+        template_kwargs = _set(template_kwargs, k, x)
+    template = info.ours(**template_kwargs, foreach=foreach)
+    position = {id(x): i for i, x in enumerate(hp0)}
+    order = [position[id(x)] for x in template.tensors()]
 
     def one_step(*flat):
         i = 0
@@ -235,11 +245,8 @@ def test_gradcheck_one_step(case, foreach):
         for s, n in slot_keys:
             slots.setdefault(s, {})[n] = flat[i]
             i += 1
-        hp = base
-        for k in hp_keys:
-            hp = _set(hp, k, flat[i])
-            i += 1
-        opt = info.ours(**hp, foreach=foreach)
+        hps = flat[i:]
+        opt = template.with_tensors([hps[j] for j in order])
         new_p, new_state = opt.update(gr, ng.optim.OptState(state.step, slots), p)
         return (*new_p.values(), *(new_state.slots[s][n] for s, n in slot_keys))
 

@@ -232,6 +232,9 @@ class Unroll(Method):
     def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
         differentiable = torch.is_grad_enabled()
         first = 0 if self.truncate is None else max(problem.steps - self.truncate, 0)
+        watch = differentiable and problem.check_finite
+        if watch:  # raise on a NaN or inf hypergradient, as the other methods do
+            problem, params = _watch_inputs(problem, params)
         state = problem.optimizer.init(params)
         for t in problem.range():
             if t == first and first > 0:  # start a fresh graph after the truncated steps
@@ -239,4 +242,62 @@ class Unroll(Method):
             params, state, _ = problem.step(params, state, t, create_graph=differentiable and t >= first)
         if not differentiable or first == problem.steps:
             return {k: v.detach() for k, v in params.items()}
-        return params
+        return _watch_outputs(params) if watch else params
+
+
+class _Watch(torch.autograd.Function):
+    """The identity (views); its backward raises if a gradient passing through it is not finite.
+
+    Differentiable twice: the backward returns the incoming gradients themselves.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, report: Any, *tensors: Tensor) -> Any:
+        ctx.report = report
+        return tuple(x.view_as(x) for x in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        ctx.report(grads)
+        return (None, *grads)
+
+
+def _watch_inputs(problem: Problem, params: dict[str, Tensor]) -> tuple[Problem, dict[str, Tensor]]:
+    """Unroll's inputs (initial params and hparams that require grad) behind a :class:`_Watch`."""
+    tensors = problem.hparam_tensors()
+    named = {f"the initial params[{k!r}]": v for k, v in params.items() if v.requires_grad}
+    named |= {k: h for k, h in zip(problem.hparam_names(), tensors, strict=True) if h.requires_grad}
+    if not named:
+        return problem, params
+
+    def report(grads: tuple[Tensor, ...]) -> None:
+        if not finite([g for g in grads if g is not None]):
+            got = dict(zip(named, grads, strict=True))
+            what = "the hypergradient is not finite although the training run and the incoming gradient were, for"
+            raise backward_error("Unroll", what, bad_names(got), got, _UNROLL_NAN)  # type: ignore[arg-type]
+
+    views = iter(_Watch.apply(report, *named.values()))
+    params = {k: next(views) if v.requires_grad else v for k, v in params.items()}
+    tensors = [next(views) if h.requires_grad else h for h in tensors]
+    return problem.with_hparam_tensors(tensors), params
+
+
+def _watch_outputs(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The trained weights behind a :class:`_Watch` that blames a NaN arriving from the outer loss."""
+    names = [k for k, v in params.items() if v.requires_grad]
+
+    def report(grads: tuple[Tensor, ...]) -> None:
+        if not finite([g for g in grads if g is not None]):
+            got = dict(zip(names, grads, strict=True))
+            what = "the gradient arriving at the trained weights is not finite:"
+            raise backward_error("Unroll", what, bad_names(got), got, _OUTER_NAN)  # type: ignore[arg-type]
+
+    views = iter(_Watch.apply(report, *(params[k] for k in names)))
+    return {k: next(views) if k in names else v for k, v in params.items()}
+
+
+_UNROLL_NAN = (
+    "A step of the recorded graph has an infinite derivative: with Adam/RMSprop/Adagrad keep eps_root > 0 (the "
+    "default 1e-30), since sqrt has an infinite derivative at 0; otherwise look for sqrt, norm or pow at exactly "
+    "0 in loss_fn."
+)

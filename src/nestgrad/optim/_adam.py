@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import Hparam, Optimizer, Slots
+from ._base import Hparam, Optimizer, Slots, _pair
 from ._ops import Ops, is_zero
 
 _EPS_ROOT_DOC = r"""eps_root: added to the second moment *inside* the square root,
@@ -95,7 +95,7 @@ class Adam(Optimizer):
         **unknown: Any,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, eps_root=eps_root,
         )  # fmt: skip
         super().__init__(defaults, groups, foreach, unknown)
@@ -175,7 +175,7 @@ class Adamax(Optimizer):
         foreach: bool | None = None,
         **unknown: Any,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(defaults, groups, foreach, unknown)
 
     def _init(self, p: Tensor, hp: dict[str, Any]) -> dict[str, Tensor]:
@@ -229,7 +229,7 @@ class NAdam(Optimizer):
         **unknown: Any,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+            lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, eps_root=eps_root,
         )  # fmt: skip
         super().__init__(defaults, groups, foreach, unknown)
@@ -295,7 +295,7 @@ class RAdam(Optimizer):
         **unknown: Any,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, eps_root=eps_root,
         )  # fmt: skip
         super().__init__(defaults, groups, foreach, unknown)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ._adam import _EPS_ROOT_DOC, _root
-from ._base import Hparam, Optimizer, Slots
+from ._base import Hparam, Optimizer, Slots, _pair, _Range
 from ._ops import Ops, is_zero
 
 
@@ -41,8 +41,12 @@ class RMSprop(Optimizer):
         {eps_root}
         maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
 
-    Matches ``torch.optim.RMSprop`` step for step.
+    Matches ``torch.optim.RMSprop`` step for step. Unlike ``torch.optim``, ``alpha`` must
+    be at most 1: above 1, :math:`1-\alpha < 0` can make :math:`v_t` negative and the
+    update NaN.
     """
+
+    _ranges: ClassVar[Mapping[str, _Range | tuple[_Range, _Range]]] = {"alpha": _Range(0.0, 1.0, hi_open=False)}
 
     def __init__(
         self,
@@ -226,7 +230,7 @@ class Rprop(Optimizer):
         foreach: bool | None = None,
         **unknown: Any,
     ) -> None:
-        defaults = dict(lr=lr, etas=tuple(etas), step_sizes=tuple(step_sizes), maximize=maximize)
+        defaults = dict(lr=lr, etas=_pair(etas), step_sizes=_pair(step_sizes), maximize=maximize)
         super().__init__(defaults, groups, foreach, unknown)
 
     def _init(self, p: Tensor, hp: dict[str, Any]) -> dict[str, Tensor]:

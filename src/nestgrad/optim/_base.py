@@ -13,8 +13,10 @@ import abc
 import copy
 import difflib
 import fnmatch
+import inspect
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,16 +53,81 @@ class OptState(NamedTuple):
 
 
 _FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
-_NON_NEGATIVE = (
-    "lr", "eps", "eps_root", "weight_decay", "momentum", "dampening", "lr_decay",
-    "initial_accumulator_value", "momentum_decay", "lambd", "alpha",
-)  # fmt: skip
-_UNIT_INTERVAL = ("betas", "rho")
+_PAIRS = ("betas", "etas", "step_sizes")
+
+
+class _Range(NamedTuple):
+    """The valid values of one hyperparameter: finite, between ``lo`` and ``hi``."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = True
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g} and finite"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def holds(self, x: float) -> bool:
+        return (
+            math.isfinite(x)
+            and (self.lo < x if self.lo_open else self.lo <= x)
+            and (x < self.hi if self.hi_open else x <= self.hi)
+        )
+
+    def holds_tensor(self, x: Tensor) -> Tensor:
+        """A 0-dim bool Tensor, computed on ``x``'s device without a host sync."""
+        x = x.detach().reshape(())
+        lo = x > self.lo if self.lo_open else x >= self.lo
+        hi = x < self.hi if self.hi_open else x <= self.hi
+        return torch.isfinite(x) & lo & hi
+
+
+_NON_NEGATIVE = _Range(0.0)
+_UNIT = _Range(0.0, 1.0)
+# The valid values of each hyperparameter (a pair of ranges for a pair). A subclass may
+# narrow one in its ``_ranges`` (RMSprop's alpha). Every value must be finite.
+_RANGES: dict[str, _Range | tuple[_Range, _Range]] = {
+    **dict.fromkeys(
+        ("lr", "eps", "eps_root", "weight_decay", "momentum", "dampening", "lr_decay",
+         "initial_accumulator_value", "momentum_decay", "lambd", "alpha", "t0"),
+        _NON_NEGATIVE,
+    ),
+    "betas": (_UNIT, _UNIT),
+    "rho": _UNIT,
+    "etas": (_Range(0.0, 1.0, lo_open=True), _Range(1.0, lo_open=True)),
+    "step_sizes": (_NON_NEGATIVE, _NON_NEGATIVE),
+}  # fmt: skip
+_IN_RANGE_AFTER_OUTER_STEPS = (
+    "A meta-learned hyperparameter can leave its range after outer steps; keep it inside by "
+    "construction, e.g. lr = log_lr.exp() for a positive value or beta = torch.sigmoid(logit) "
+    "for one in (0, 1), or clamp it after each outer step: "
+    "with torch.no_grad(): lr.clamp_(min=0)."
+)
+_FOREIGN_STATE = (
+    "{cls}.update: the state of parameter {name!r} has slots {found}, but {cls} with these "
+    "hyperparameters keeps {expected} for it. The state comes from another optimizer (or from "
+    "this one with other flags, such as momentum or amsgrad). Call state = opt.init(params) "
+    "with this optimizer, then pass each update() the state the previous one returned."
+)
+# Tensor hyperparameters are applied in the parameters' dtype (so a float64 lr cannot promote
+# a float32 weight), but never in less than float32: bias corrections such as 1 - 0.999**t
+# lose two digits in bfloat16. The few results a low-precision 0-dim tensor would promote are
+# cast back to the dtype they came in.
+_HP_DTYPE = {torch.float64: torch.float64, torch.complex128: torch.float64}
+
+
 # Names other libraries use for torch.optim's arguments.
 _ALIASES = {
     "learning_rate": "lr", "wd": "weight_decay", "decay": "weight_decay", "beta1": "betas",
     "beta2": "betas", "b1": "betas", "b2": "betas", "epsilon": "eps", "mom": "momentum",
 }  # fmt: skip
+
+
+def _pair(v: Any) -> Any:
+    """A list or tuple as a tuple; anything else as given, for ``_check`` to reject."""
+    return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def _describe(x: object) -> str:
@@ -85,9 +152,9 @@ class Optimizer(abc.ABC):
         groups: per-parameter hyperparameters, like ``torch.optim``'s param
             groups. A sequence of dicts, each with ``"params"`` (a list of
             parameter names or ``fnmatch`` patterns such as ``"encoder.*"``) and
-            the hyperparameters to override for those parameters. The first
-            matching group wins; parameters matching no group use the
-            constructor's values.
+            the hyperparameters to override for those parameters. A parameter
+            may match one group at most (``init`` raises otherwise); parameters
+            matching no group use the constructor's values.
         foreach: ``True`` runs each operation as one ``torch._foreach_*`` kernel
             over a group, ``False`` as a Python loop over tensors; both give the
             same numbers. The default ``None`` uses foreach when autograd is not
@@ -115,14 +182,19 @@ class Optimizer(abc.ABC):
                     f"override, e.g. {{'params': ['fc.*'], 'lr': 0.01}}; got {_describe(group)}."
                 )
         for i, group in enumerate(groups or ()):
-            overrides = {k: v for k, v in group.items() if k != "params"}
+            overrides = {
+                k: tuple(v) if k in _PAIRS and isinstance(v, list) else v for k, v in group.items() if k != "params"
+            }
             self._reject_unknown(overrides, defaults, where=f"groups[{i}]")
             self._check(overrides, f"groups[{i}].")
             patterns = group["params"]
             patterns = [patterns] if isinstance(patterns, str) else list(patterns)
             self.groups.append({"params": patterns, **overrides})
+        self._check_tensor_values("")
         self.foreach = foreach
         self._group_of: dict[str, int] = {}
+        self._slots_of: dict[int, tuple[str, ...]] = {}
+        self._tensors_in: dict[int, bool] = {}
 
     # ----------------------------------------------------------------- checks
     def _reject_unknown(self, unknown: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "") -> None:
@@ -138,31 +210,81 @@ class Optimizer(abc.ABC):
             f"Its arguments are: {', '.join(defaults)}, groups, foreach."
         )
 
+    _ranges: ClassVar[Mapping[str, _Range | tuple[_Range, _Range]]] = {}
+
+    def _range(self, k: str) -> _Range | tuple[_Range, _Range]:
+        return self._ranges.get(k) or _RANGES.get(k) or _Range(-math.inf)
+
     def _check(self, hp: Mapping[str, Any], prefix: str) -> None:
+        """Check types, and the values of floats; :meth:`_check_tensor_values` does Tensors."""
         cls = type(self).__name__
         for k, v in hp.items():
-            values = v if isinstance(v, tuple) else (v,)
-            for x in values:
-                if k in _FLAGS:
-                    if not isinstance(x, bool):
-                        raise TypeError(f"{cls}: {prefix}{k} must be True or False; got {_describe(x)}.")
-                    continue
+            if k in _FLAGS:
+                if not isinstance(v, bool):
+                    raise TypeError(f"{cls}: {prefix}{k} must be True or False; got {_describe(v)}.")
+                continue
+            if k in _PAIRS and (not isinstance(v, tuple) or len(v) != 2):
+                raise ValueError(
+                    f"{cls}: {prefix}{k} must be a pair of values; got {_describe(v)}. "
+                    f"For example {k}={self._default(k)!r}."
+                )
+            ranges = self._range(k)
+            for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
+                label = f"{prefix}{k}[{i}]" if isinstance(v, tuple) else f"{prefix}{k}"
                 if isinstance(x, Tensor):
                     if x.numel() != 1 or not x.is_floating_point():
                         raise ValueError(
-                            f"{cls}: {prefix}{k} must be a float or a 1-element floating-point "
+                            f"{cls}: {label} must be a float or a 1-element floating-point "
                             f"Tensor; got {_describe(x)}. For one value per parameter group, "
                             f"use groups=[{{'params': [...], {k!r}: value}}, ...]."
                         )
                     continue
                 if isinstance(x, bool) or not isinstance(x, (int, float)):
-                    raise TypeError(f"{cls}: {prefix}{k} must be a float or a 1-element Tensor; got {_describe(x)}.")
-                if k in _NON_NEGATIVE and x < 0:
-                    raise ValueError(f"{cls}: {prefix}{k} must be >= 0; got {x}.")
-                if k in _UNIT_INTERVAL and not 0 <= x < 1:
-                    raise ValueError(f"{cls}: {prefix}{k} must be in [0, 1); got {x}.")
-            if isinstance(v, tuple) and len(v) != 2:
-                raise ValueError(f"{cls}: {prefix}{k} must be a pair; got {v!r}.")
+                    raise TypeError(f"{cls}: {label} must be a float or a 1-element Tensor; got {_describe(x)}.")
+                valid = ranges if isinstance(ranges, _Range) else ranges[i]
+                if not valid.holds(x):
+                    raise ValueError(self._out_of_range(label, k, repr(x), valid, ""))
+
+    def _check_tensor_values(self, where: str) -> None:
+        """Check the values of every Tensor hyperparameter, with one host sync per device.
+
+        Runs at construction and in :meth:`init` (once per training run: a meta-learned
+        value may have left its range since), never in :meth:`update`.
+        """
+        items: list[tuple[str, str, Tensor, _Range]] = []
+        for prefix, hp in [("", self.defaults), *((f"groups[{i}].", g) for i, g in enumerate(self.groups))]:
+            for k, v in hp.items():
+                if k == "params" or k in _FLAGS:
+                    continue
+                ranges = self._range(k)
+                for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
+                    # Inside torch.func transforms (vmap, grad) a value cannot be read.
+                    if isinstance(x, Tensor) and not _is_functorch_wrapped(x):
+                        label = f"{prefix}{k}[{i}]" if isinstance(v, tuple) else f"{prefix}{k}"
+                        items.append((label, k, x, ranges if isinstance(ranges, _Range) else ranges[i]))
+        by_device: dict[torch.device, list[tuple[str, str, Tensor, _Range]]] = {}
+        for item in items:
+            by_device.setdefault(item[2].device, []).append(item)
+        with torch.no_grad():
+            for group in by_device.values():
+                ok = torch.stack([valid.holds_tensor(x) for _, _, x, valid in group])
+                if bool(ok.all()):  # the one sync for this device
+                    continue
+                for (label, k, x, valid), good in zip(group, ok.tolist(), strict=True):
+                    if not good:
+                        raise ValueError(self._out_of_range(label, k, f"a Tensor holding {_value_of(x)}", valid, where))
+
+    def _default(self, k: str) -> Any:
+        parameter = inspect.signature(type(self).__init__).parameters.get(k)
+        return None if parameter is None else parameter.default
+
+    def _out_of_range(self, label: str, k: str, got: str, valid: _Range, where: str) -> str:
+        cls = type(self).__name__
+        if where:
+            return f"{cls}{where}: {label} is {got} now, but it must be {valid}. {_IN_RANGE_AFTER_OUTER_STEPS}"
+        default = self._default(k)
+        example = f" (the default is {k}={default!r})" if default is not None else ""
+        return f"{cls}: {label} must be {valid}; got {got}. Pass a value {valid}{example}."
 
     # -------------------------------------------------------------- hparams
     def hparams(self, name: str | None = None) -> dict[str, Any]:
@@ -209,12 +331,38 @@ class Optimizer(abc.ABC):
     def _group_index(self, name: str) -> int:
         index = self._group_of.get(name)
         if index is None:
-            index = next(
-                (i for i, g in enumerate(self.groups) if any(fnmatch.fnmatchcase(name, p) for p in g["params"])),
-                -1,
-            )
+            hits = [(i, [p for p in g["params"] if fnmatch.fnmatchcase(name, p)]) for i, g in enumerate(self.groups)]
+            hits = [(i, matched) for i, matched in hits if matched]
+            if len(hits) > 1:
+                (a, pa), (b, pb) = hits[:2]
+                raise ValueError(
+                    f"{type(self).__name__}: parameter {name!r} matches two groups: groups[{a}] "
+                    f"(params {self.groups[a]['params']!r}, matched by {pa[0]!r}) and groups[{b}] "
+                    f"(params {self.groups[b]['params']!r}, matched by {pb[0]!r}), so which "
+                    f"hyperparameters apply to it is ambiguous. Make the groups' patterns disjoint: "
+                    f"name {name!r} in one group only, e.g. list exact names instead of a pattern."
+                )
+            index = hits[0][0] if hits else -1
             self._group_of[name] = index
         return index
+
+    def _step_hparams(self, name: str, dtype: torch.dtype) -> dict[str, Any]:
+        """``hparams(name)`` with each Tensor viewed as 0-dim and cast to ``dtype``.
+
+        A (1,)-shaped Tensor would broadcast a 0-dim weight to shape (1,), and a float64
+        one would promote a 0-dim float32 weight to float64. Both conversions are
+        differentiable, so gradients still reach the user's Tensor in its own shape.
+        """
+        return {k: _fit(v, dtype) for k, v in self.hparams(name).items()}
+
+    def _expected_slots(self, group: int, p: Tensor, hp: dict[str, Any]) -> tuple[str, ...]:
+        """The slot names ``init`` gives a parameter of this group (cached per group)."""
+        names = self._slots_of.get(group)
+        if names is None:
+            with torch.no_grad():
+                names = tuple(self._init(torch.empty(0, dtype=p.dtype, device=p.device), hp))
+            self._slots_of[group] = names
+        return names
 
     # ---------------------------------------------------------- public API
     def init(self, params: Mapping[str, Tensor]) -> OptState:
@@ -227,10 +375,12 @@ class Optimizer(abc.ABC):
                         f"{type(self).__name__}: groups[{i}] names {p!r}, which matches no "
                         f"parameter. Parameter names look like {list(params)[:3]}."
                     )
+        self._check_tensor_values(".init")
         slots: dict[str, dict[str, Tensor]] = {}
         for name, p in params.items():
-            for slot, value in self._init(p, self.hparams(name)).items():
-                slots.setdefault(slot, {})[name] = value
+            hp = self._step_hparams(name, _HP_DTYPE.get(p.dtype, torch.float32))
+            for slot, value in self._init(p, hp).items():
+                slots.setdefault(slot, {})[name] = value if value.dtype is p.dtype else value.to(p.dtype)
         return OptState(step={name: 0 for name in params}, slots=slots)
 
     def update(
@@ -242,7 +392,11 @@ class Optimizer(abc.ABC):
         """Apply one step and return ``(new_params, new_state)``, out of place.
 
         Parameters whose gradient is missing or ``None`` are left unchanged,
-        with their state, as ``torch.optim`` does.
+        with their state, as ``torch.optim`` does. Each gradient must have its
+        parameter's shape and dtype, and the state must hold this optimizer's slots
+        (those ``init`` makes); otherwise it raises. New parameters and slots keep
+        the shape and dtype of the ones they replace, whatever the shape (1-element)
+        or dtype of a Tensor hyperparameter.
         """
         if not isinstance(state, OptState):
             raise TypeError(
@@ -261,27 +415,63 @@ class Optimizer(abc.ABC):
                 f"{type(self).__name__}.update: state has no entry for {missing}; "
                 f"call init() with the same params dict you pass to update()."
             )
+        # One partition per group and step count. The checks read Python attributes only (no
+        # tensor op, no sync): they run at every step.
         partitions: dict[tuple[int, int], list[str]] = {}
-        for name in params:
-            if grads.get(name) is not None:
-                key = (self._group_index(name), state.step[name] + 1)
-                partitions.setdefault(key, []).append(name)
+        step_of = state.step
+        for name, p in params.items():
+            g = grads.get(name)
+            if g is None:
+                continue
+            if not isinstance(g, Tensor) or g.shape != p.shape or g.dtype is not p.dtype:
+                raise _bad_grad(type(self).__name__, name, g, p)
+            key = (self._group_index(name), step_of[name] + 1)
+            partitions.setdefault(key, []).append(name)
         ops = self._backend()
         new_params = dict(params)
-        new_step = dict(state.step)
+        new_step = dict(step_of)
         new_slots = {slot: dict(values) for slot, values in state.slots.items()}
-        for (_, step), names in partitions.items():
+        for (group, step), names in partitions.items():
             hp = self.hparams(names[0])
-            ps = [params[n] for n in names]
-            gs = [grads[n] for n in names]
-            slots = {slot: [values[n] for n in names] for slot, values in state.slots.items()}
-            ps, slots = self._step(ops, step, ps, gs, slots, hp)  # type: ignore[arg-type]
-            for i, n in enumerate(names):
-                new_params[n] = ps[i]
-                new_step[n] = step
-                for slot, values in slots.items():
-                    new_slots[slot][n] = values[i]
+            # Float hyperparameters never change a dtype or a shape. Tensor ones are fitted to
+            # the parameters of each dtype (0-dim, in that dtype but at least float32); what a
+            # float32 one promotes in a low-precision 0-dim parameter is cast back.
+            fit = self._has_tensors(group, hp)
+            by_dtype = _by_dtype(names, params) if fit else {None: names}
+            for dtype, names in by_dtype.items():
+                compute = _HP_DTYPE.get(dtype, torch.float32) if dtype is not None else None
+                hp_d = {k: _fit(v, compute) for k, v in hp.items()} if compute is not None else hp
+                ps = [params[n] for n in names]
+                gs = [grads[n] for n in names]
+                expected = self._expected_slots(group, ps[0], hp_d)
+                try:
+                    slots = {slot: [state.slots[slot][n] for n in names] for slot in expected}
+                except KeyError:
+                    raise self._foreign_state(names, expected, state) from None
+                out, out_slots = self._step(ops, step, ps, gs, slots, hp_d)  # type: ignore[arg-type]
+                for i, n in enumerate(names):
+                    new_params[n] = out[i]
+                    new_step[n] = step
+                    for slot, values in out_slots.items():
+                        new_slots[slot][n] = values[i]
+                if compute is not None and compute is not dtype:
+                    _cast_back(names, params, new_params, slots, new_slots)
         return new_params, OptState(new_step, new_slots)
+
+    def _has_tensors(self, group: int, hp: Mapping[str, Any]) -> bool:
+        """Whether a group has a Tensor hyperparameter (cached: with_tensors keeps it so)."""
+        has = self._tensors_in.get(group)
+        if has is None:
+            has = any(isinstance(x, Tensor) for v in hp.values() for x in (v if isinstance(v, tuple) else (v,)))
+            self._tensors_in[group] = has
+        return has
+
+    def _foreign_state(self, names: list[str], expected: tuple[str, ...], state: OptState) -> ValueError:
+        name = next(n for n in names if any(n not in state.slots.get(s, {}) for s in expected))
+        found = [s for s, values in state.slots.items() if name in values]
+        return ValueError(
+            _FOREIGN_STATE.format(cls=type(self).__name__, name=name, found=found, expected=list(expected))
+        )
 
     def _backend(self) -> Ops:
         # torch 2.13's _foreach ops save their inputs for backward even where the backward
@@ -321,3 +511,72 @@ def _check_params(params: object, arg: str, where: str) -> None:
     for k, v in params.items():
         if not isinstance(k, str) or not isinstance(v, Tensor):
             raise TypeError(f"{where}: {arg} must be a dict of name -> Tensor; entry {k!r} is {_describe(v)}.")
+
+
+def _fit(v: Any, dtype: torch.dtype) -> Any:
+    """A Tensor hyperparameter as 0-dim and of ``dtype``; other values unchanged."""
+    if isinstance(v, Tensor):
+        if v.dim():
+            v = v.reshape(())
+        return v if v.dtype is dtype else v.to(dtype)
+    if isinstance(v, tuple):
+        return tuple(_fit(x, dtype) for x in v)
+    return v
+
+
+def _by_dtype(names: list[str], params: Mapping[str, Tensor]) -> dict[torch.dtype, list[str]]:
+    out: dict[torch.dtype, list[str]] = {}
+    for n in names:
+        out.setdefault(params[n].dtype, []).append(n)
+    return out
+
+
+def _cast_back(
+    names: list[str],
+    params: Mapping[str, Tensor],
+    new_params: Params,
+    slots: Slots,
+    new_slots: dict[str, dict[str, Tensor]],
+) -> None:
+    """Give each result the dtype of the value it replaces (differentiably)."""
+    for i, n in enumerate(names):
+        q, dtype = new_params[n], params[n].dtype
+        if q.dtype is not dtype:
+            new_params[n] = q.to(dtype)
+        for slot, before in slots.items():
+            v = new_slots[slot][n]
+            if v.dtype is not before[i].dtype:
+                new_slots[slot][n] = v.to(before[i].dtype)
+
+
+def _bad_grad(cls: str, name: str, g: object, p: Tensor) -> Exception:
+    where = f"{cls}.update: grads[{name!r}]"
+    if not isinstance(g, Tensor):
+        return TypeError(f"{where} must be a Tensor or None; got {_describe(g)}.")
+    if g.shape != p.shape:
+        return ValueError(
+            f"{where} has shape {tuple(g.shape)}, but params[{name!r}] has shape {tuple(p.shape)}; "
+            f"a gradient must have its parameter's shape (it would broadcast the parameter). "
+            f"Pass the gradient of the loss with respect to params[{name!r}] itself, e.g. from "
+            f"torch.autograd.grad(loss, list(params.values()))."
+        )
+    return TypeError(
+        f"{where} has dtype {g.dtype}, but params[{name!r}] has dtype {p.dtype}; as in "
+        f"torch.optim, a gradient must have its parameter's dtype. Cast it: "
+        f"grads[{name!r}].to(params[{name!r}].dtype), or keep the parameter in the dtype "
+        f"you compute gradients in."
+    )
+
+
+def _value_of(x: Tensor) -> str:
+    """The value of a 1-element Tensor to the precision of its dtype: -0.1, not -0.10000000149."""
+    v = x.item()
+    if x.dtype is torch.float64 or not math.isfinite(v):
+        return repr(v)
+    text = f"{v:.{7 if x.dtype is torch.float32 else 4}g}"
+    return text if any(c in text for c in ".e") else text + ".0"
+
+
+def _is_functorch_wrapped(x: Tensor) -> bool:
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped(x)) if is_wrapped is not None else False
