@@ -183,7 +183,6 @@ def change(tensor):
         ("Implicit", "hparams"),
         ("Implicit", "trained"),
         ("ZerothOrder", "hparams"),
-        ("ZerothOrder", "params"),
         ("Reverse", "hparams"),
         ("FiniteDiff", "hparams"),
     ],

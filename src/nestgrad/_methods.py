@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -159,8 +160,9 @@ class _Adjoint(torch.autograd.Function):
         if problem.check_finite and not finite([g for g in grads if g is not None]):
             what = "the gradient arriving at the trained weights is not finite:"
             raise backward_error(name, what, bad_names(incoming), incoming, _OUTER_NAN)  # type: ignore[arg-type]
+        replay = dataclasses.replace(problem, replay=True)  # re-running steps must not advance buffers again
         try:
-            grad_params, grad_hparams = method.backward(problem, saved, incoming)
+            grad_params, grad_hparams = method.backward(replay, saved, incoming)
         except RuntimeError as err:
             if is_out_of_memory(err):
                 raise out_of_memory(name, "in the backward pass") from err

@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._buffers import RunBuffers, running
 from ._data import Batches
 from ._explain import PathReport, reaches, require_path
 from ._methods import AdjointMethod, Method, Unroll, is_out_of_memory, out_of_memory
@@ -176,6 +177,10 @@ class Problem:
     method: str = "Unroll"  # for messages
     check_finite: bool = True  # raise NonFiniteError at the first non-finite loss or update (see ``step``)
     strict: bool = False  # raise if the loss reaches a tensor that requires grad besides params and hparams
+    # Buffers (BatchNorm's running statistics): the run's copies advance in training steps only;
+    # a replay (``replay=True``: a backward pass re-running steps) gets throwaway copies.
+    replay: bool = False
+    buffers: RunBuffers = field(default_factory=RunBuffers, repr=False, compare=False)
     at: int = field(default=0, init=False)  # the step running now, for messages
     _unused: PathReport | None = field(default=None, init=False, repr=False)
     _flags: list[tuple[int, Tensor]] = field(default_factory=list, init=False, repr=False)
@@ -209,7 +214,7 @@ class Problem:
         walk = self.strict and torch.is_grad_enabled() and _walks(t, self.steps)
         start = _next_sequence_nr() if walk else 0
         batch = self.batches(t)
-        with _attention(math_sdpa):
+        with _attention(math_sdpa), running(self.buffers.throwaway() if self.replay else self.buffers):
             loss = self.loss_fn(full, batch, hp)
         _check_loss(loss, t)
         if walk and loss.grad_fn is not None:
@@ -234,7 +239,7 @@ class Problem:
             return
 
         def rerun(h: Any) -> Tensor:
-            with _attention(math_sdpa):
+            with _attention(math_sdpa), running(self.buffers.throwaway()):
                 return self.loss_fn(full, batch, h)
 
         report = require_path(loss, self.hparams, rerun)
@@ -385,6 +390,9 @@ def train(
         params: initial weights, name -> Tensor, e.g.
             ``dict(model.named_parameters())``. Tensors with
             ``requires_grad=False`` are frozen: passed to ``loss_fn`` unchanged.
+            Buffers passed here (``**dict(model.named_buffers())``) are training
+            state: :func:`nestgrad.call` runs them on copies that advance once per
+            training step, and the result holds the trained ones.
         optimizer: a :mod:`nestgrad.optim` optimizer.
         data: a sequence of batches (cycled), an iterator or iterable of
             batches, or a function ``step -> batch``.
@@ -402,6 +410,14 @@ def train(
 
     Returns:
         ``dict[str, Tensor]`` with the same names as ``params``.
+
+    Your tensors and module are never changed: ``loss_fn`` receives clones of
+    the trainable ``params`` (gradients still reach them), and buffers that a
+    module updates in train mode (BatchNorm) run on the run's copies. Replays in
+    a backward pass use throwaway copies, which assumes the loss does not read
+    the buffers it updates (true for BatchNorm in train mode, which normalizes
+    with batch statistics). Buffers not passed in ``params`` are discarded at
+    the end, with a warning if they changed.
 
     Example:
         >>> def loss_fn(p, batch, A):
@@ -453,13 +469,20 @@ def train(
     strict = isinstance(method, AdjointMethod) and torch.is_grad_enabled()
     name = type(method).__name__
     batches = method.batches(data, steps)
+    buffers = RunBuffers(frozen)
     problem = Problem(loss_fn, optimizer, batches, steps, hparams, frozen, progress, check, name, check_finite, strict)
+    problem.buffers = buffers
+    versions = _write_counts(frozen)
     try:
-        trained = method.run(problem, trainable)
+        # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
+        trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
     except RuntimeError as err:
         if is_out_of_memory(err):
             raise out_of_memory(name, f"at step {problem.at} of {steps}") from err
         raise
+    _check_unwritten(frozen, versions)
+    buffers.warn_discarded()
+    trained = {**trained, **buffers.trained()}
     return {k: trained[k] if k in trained else v for k, v in params.items()}
 
 
@@ -500,3 +523,22 @@ def _trainable(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         "nestgrad.train: every tensor in params has requires_grad=False, so there is nothing to train. "
         "Call .requires_grad_() on the weights to train (frozen ones may stay as they are)."
     )
+
+
+_FROZEN_WRITTEN = (
+    "nestgrad.train: loss_fn wrote params[{name!r}] in place (requires_grad=False, so ng.train passes it "
+    "to loss_fn as it is, without a copy), and so changed your tensor. Compute new tensors from the params "
+    "loss_fn receives instead of writing them; a module's buffers (BatchNorm) are fine: nestgrad.call runs "
+    "them on the run's copies."
+)
+
+
+def _write_counts(tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """The in-place write counters of ``tensors`` (a Python int each, no device sync)."""
+    return {k: v._version for k, v in tensors.items() if not v.is_inference()}
+
+
+def _check_unwritten(tensors: Mapping[str, Tensor], before: Mapping[str, int]) -> None:
+    for k, version in before.items():
+        if tensors[k]._version != version:
+            raise RuntimeError(_FROZEN_WRITTEN.format(name=k))
