@@ -164,9 +164,9 @@ class _Adjoint(torch.autograd.Function):
         try:
             grad_params, grad_hparams = method.backward(replay, saved, incoming)
         except RuntimeError as err:
-            if is_out_of_memory(err):
-                raise out_of_memory(name, "in the backward pass") from err
-            raise
+            if not is_out_of_memory(err) or str(err).startswith("nestgrad."):
+                raise
+            raise out_of_memory(name, "in the backward pass") from err
         if problem.check_finite:
             _check_hypergradient(name, method.nonfinite_hint, problem, grad_params, grad_hparams)
         return (None, None, None, *(grad_params.get(k) for k in names), *grad_hparams)
@@ -245,60 +245,43 @@ class Unroll(Method):
         return _watch_outputs(params) if watch else params
 
 
-class _Watch(torch.autograd.Function):
-    """The identity (views); its backward raises if a gradient passing through it is not finite.
-
-    Differentiable twice: the backward returns the incoming gradients themselves.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, report: Any, *tensors: Tensor) -> Any:
-        ctx.report = report
-        return tuple(x.view_as(x) for x in tensors)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Any:
-        ctx.report(grads)
-        return (None, *grads)
-
-
 def _watch_inputs(problem: Problem, params: dict[str, Tensor]) -> tuple[Problem, dict[str, Tensor]]:
-    """Unroll's inputs (initial params and hparams that require grad) behind :class:`_Watch` nodes.
+    """Raise if the gradient reaching Unroll's inputs (initial params, hparams) through the run is not finite.
 
-    The initial params share one node; every hparam tensor gets its own, so that a node reached
-    through one never makes another look connected (``reaches``, zero-filled gradients).
+    The hparams are replaced by views of themselves (one autograd node each, so that none looks
+    connected through another), and one hook watches those and the initial params, which
+    ``train`` already passes as clones; the user's own tensors get no hook.
     """
+    tensors = problem.hparam_tensors()
+    views = [h.view_as(h) if h.requires_grad else h for h in tensors]
+    named = {f"the initial params[{k!r}]": v for k, v in params.items() if v.requires_grad}
+    named |= {k: h for k, h in zip(problem.hparam_names(), views, strict=True) if h.requires_grad}
     what = "the hypergradient is not finite although the training run and the incoming gradient were, for"
-
-    def watch(named: dict[str, Tensor]) -> list[Tensor]:
-        def report(grads: tuple[Tensor, ...]) -> None:
-            if not finite([g for g in grads if g is not None]):
-                got = dict(zip(named, grads, strict=True))
-                raise backward_error("Unroll", what, bad_names(got), got, _UNROLL_NAN)  # type: ignore[arg-type]
-
-        return list(_Watch.apply(report, *named.values())) if named else []
-
-    views = iter(watch({f"the initial params[{k!r}]": v for k, v in params.items() if v.requires_grad}))
-    params = {k: next(views) if v.requires_grad else v for k, v in params.items()}
-    tensors = [
-        watch({name: h})[0] if h.requires_grad else h
-        for name, h in zip(problem.hparam_names(), problem.hparam_tensors(), strict=True)
-    ]
-    return problem.with_hparam_tensors(tensors), params
+    _raise_if_not_finite(named, what, _UNROLL_NAN)
+    # Training differentiates the first step w.r.t. views, so the hook sees only gradients that
+    # reach the initial params from beyond the run.
+    watched = dataclasses.replace(problem.with_hparam_tensors(views), origin=problem.hparams)
+    return watched, {k: v.view_as(v) for k, v in params.items()}
 
 
 def _watch_outputs(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The trained weights behind a :class:`_Watch` that blames a NaN arriving from the outer loss."""
-    names = [k for k, v in params.items() if v.requires_grad]
+    """Raise if the gradient arriving at Unroll's trained weights is not finite: it comes from the outer loss."""
+    named = {k: v for k, v in params.items() if v.requires_grad}
+    _raise_if_not_finite(named, "the gradient arriving at the trained weights is not finite:", _OUTER_NAN)
+    return params
 
-    def report(grads: tuple[Tensor, ...]) -> None:
+
+def _raise_if_not_finite(named: dict[str, Tensor], what: str, hint: str) -> None:
+    """One hook on all of ``named``: when backward has computed their gradients, raise if any is not finite."""
+    if not named:
+        return
+
+    def check(grads: Any) -> None:
         if not finite([g for g in grads if g is not None]):
-            got = dict(zip(names, grads, strict=True))
-            what = "the gradient arriving at the trained weights is not finite:"
-            raise backward_error("Unroll", what, bad_names(got), got, _OUTER_NAN)  # type: ignore[arg-type]
+            got = {k: g for k, g in zip(named, grads, strict=True) if g is not None}
+            raise backward_error("Unroll", what, bad_names(got), got, hint)
 
-    views = iter(_Watch.apply(report, *(params[k] for k in names)))
-    return {k: next(views) if k in names else v for k, v in params.items()}
+    torch.autograd.graph.register_multi_grad_hook(list(named.values()), check)
 
 
 _UNROLL_NAN = (

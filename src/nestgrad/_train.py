@@ -181,7 +181,7 @@ class Problem:
     # a replay (``replay=True``: a backward pass re-running steps) gets throwaway copies.
     replay: bool = False
     buffers: RunBuffers = field(default_factory=RunBuffers, repr=False, compare=False)
-    at: int = field(default=0, init=False)  # the step running now, for messages
+    origin: Any = None  # the caller's hparams when ``hparams`` holds views of them (Unroll): the path check's target
     _unused: PathReport | None = field(default=None, init=False, repr=False)
     _flags: list[tuple[int, Tensor]] = field(default_factory=list, init=False, repr=False)
     _last: tuple[Any, ...] = field(default=(), init=False, repr=False)
@@ -234,15 +234,16 @@ class Problem:
         say where it was cut. hparams that this step does not use at all may be used by a later one
         (a schedule, a warm-up): the check goes on, and warns at the end of a run that never used them.
         """
+        target = self.hparams if self.origin is None else self.origin
         if self._unused is not None:  # not used by an earlier step: only look for a path from now on
-            self.check_path = not reaches(loss, self.hparams)
+            self.check_path = not reaches(loss, target)
             return
 
         def rerun(h: Any) -> Tensor:
             with _attention(math_sdpa), running(self.buffers.throwaway()):
                 return self.loss_fn(full, batch, h)
 
-        report = require_path(loss, self.hparams, rerun)
+        report = require_path(loss, target, rerun)
         if report is not None and report.status == "unused":
             self._unused = report
         else:
@@ -267,7 +268,17 @@ class Problem:
         plain first-order training and returns fresh leaves. With ``check_finite``,
         a non-finite loss or update raises :class:`~nestgrad.NonFiniteError`.
         """
-        self.at = t
+        try:
+            return self._step(params, state, t, create_graph)
+        except RuntimeError as err:
+            if not is_out_of_memory(err) or str(err).startswith("nestgrad."):
+                raise
+            where = f"while replaying step {t} of {self.steps} in the backward pass" if self.replay else None
+            raise out_of_memory(self.method, where or f"at step {t} of {self.steps}") from err
+
+    def _step(
+        self, params: dict[str, Tensor], state: OptState, t: int, create_graph: bool
+    ) -> tuple[dict[str, Tensor], OptState, Tensor]:
         if create_graph:
             loss = self.loss(params, t)
             grads = self.grads(params, loss, t, True)
@@ -473,13 +484,8 @@ def train(
     problem = Problem(loss_fn, optimizer, batches, steps, hparams, frozen, progress, check, name, check_finite, strict)
     problem.buffers = buffers
     versions = _write_counts(frozen)
-    try:
-        # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
-        trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
-    except RuntimeError as err:
-        if is_out_of_memory(err):
-            raise out_of_memory(name, f"at step {problem.at} of {steps}") from err
-        raise
+    # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
+    trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
     _check_unwritten(frozen, versions)
     buffers.warn_discarded()
     trained = {**trained, **buffers.trained()}
