@@ -77,6 +77,15 @@ _OUTSIDE = (
 )
 
 
+_IN_PLACE = (
+    "nestgrad.train ({method}): at step {t}, loss_fn changed {what} in place (add_, mul_, copy_, an "
+    "assignment into it, ...). The weights loss_fn receives are the state of the run: writing them "
+    "changes the training step and its gradient behind the method's back (and Reverse's replays would "
+    "differ). Compute new tensors instead (w = params['w'] * 0.5), or move the change into the optimizer "
+    "or between runs. (Your own tensors are never written: loss_fn only ever receives copies.)"
+)
+
+
 def _walks(t: int, steps: int) -> bool:
     """The steps whose graph is searched for tensors outside params and hparams: 0-3, powers of 2, the last.
 
@@ -214,8 +223,17 @@ class Problem:
         walk = self.strict and torch.is_grad_enabled() and _walks(t, self.steps)
         start = _next_sequence_nr() if walk else 0
         batch = self.batches(t)
-        with _attention(math_sdpa), running(self.buffers.throwaway() if self.replay else self.buffers):
-            loss = self.loss_fn(full, batch, hp)
+        versions = [v._version for v in params.values()]
+        try:
+            with _attention(math_sdpa), running(self.buffers.throwaway() if self.replay else self.buffers):
+                loss = self.loss_fn(full, batch, hp)
+        except RuntimeError as err:
+            if "leaf Variable that requires grad is being used in an in-place operation" in str(err):
+                raise RuntimeError(_IN_PLACE.format(method=self.method, t=t, what="one of the params")) from err
+            raise
+        written = [k for (k, v), n in zip(params.items(), versions) if v._version != n]
+        if written:
+            raise RuntimeError(_IN_PLACE.format(method=self.method, t=t, what=f"params[{written[0]!r}]"))
         _check_loss(loss, t)
         if walk and loss.grad_fn is not None:
             # The method's own leaves: the params, and the hparams when they are live (not detached).
