@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -11,9 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._data import Batches
+from ._data import Batches, ReplayError
 from ._methods import AdjointMethod
-from ._rng import replay_rng, rng_state
+from ._rng import RngState, replay_rng, rng_key, rng_state, threads_cause
 
 if TYPE_CHECKING:
     from ._train import Problem
@@ -120,9 +121,12 @@ class ZerothOrder(AdjointMethod):
         return Batches(data, steps, keep=True)
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
-        rng = rng_state()
+        start = rng_state()
         initial = {k: v.detach() for k, v in params.items()}
         trained, _ = problem.fit(params)
+        end = rng_key(rng_state())
+        # The re-runs replay the random numbers training drew; a run that drew none leaves the RNG alone.
+        rng = _Rng(start, end, threading.active_count()) if end != rng_key(start) else None
         return trained, (initial, rng, trained)
 
     def backward(
@@ -138,8 +142,11 @@ class ZerothOrder(AdjointMethod):
             moved = list(tensors)
             for i, d in zip(wanted, shift):
                 moved[i] = tensors[i] + (sign * self.sigma) * d
-            with torch.no_grad(), replay_rng(rng):
-                return quiet.with_hparam_tensors(moved).fit(initial)[0]
+            with torch.no_grad(), replay_rng(None if rng is None else rng.start):
+                out = quiet.with_hparam_tensors(moved).fit(initial)[0]
+                if rng is not None:
+                    rng.check(rng_state())
+            return out
 
         total = [torch.zeros_like(tensors[i]) for i in wanted]
         moved = False  # whether any perturbed run changed the outer loss's linearization at all
@@ -160,6 +167,26 @@ class ZerothOrder(AdjointMethod):
         supply = iter(acc / self.samples for acc in total)
         return {}, [next(supply) if i in wanted else None for i in range(len(tensors))]
 
+
+@dataclass(frozen=True)
+class _Rng:
+    """Where the global RNG stood before and after training, to replay it and check each re-run."""
+
+    start: RngState
+    end: bytes
+    threads: int
+
+    def check(self, now: RngState) -> None:
+        key = rng_key(now)
+        if key != self.end and key != rng_key(self.start):  # a re-run that drew no random numbers is fine
+            raise ReplayError(_RNG_DIFFERS.format(cause=threads_cause(self.threads)))
+
+
+_RNG_DIFFERS = (
+    "nestgrad.ZerothOrder: a re-run of the training at perturbed hyperparameters drew other random numbers "
+    "than training did (the global generator ended in another state), so the estimate would compare runs "
+    "on different noise. {cause}"
+)
 
 _FLAT = (
     "nestgrad.ZerothOrder: all {samples} perturbed training runs (sigma={sigma:g}) moved the outer loss "
