@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._data import Batches, ReplayError
 from ._methods import AdjointMethod
-from ._rng import RngLog, RngState, replay_rng, rng_state
+from ._rng import RngLog, RngState, replay_rng, rng_key, rng_state
 from .optim._base import OptState
 
 if TYPE_CHECKING:
@@ -88,7 +88,8 @@ class Reverse(AdjointMethod):
             first = trajectory.rngs.start(segment)
             p, s = trajectory.checkpoint(start)
             states = {start: (p, s, first)}
-            losses, none = [], False
+            losses, known = [], _SAME_INPUTS
+            unset = rng_key(rng_state()) if first is None else None  # to see whether the replay draws anyway
             for t in range(start, stop - 1):  # recompute the states inside the segment, and their RNG states
                 with replay_rng(states[t][2]), torch.no_grad():
                     p, s, loss = problem.step(p, s, t, create_graph=False)
@@ -100,10 +101,13 @@ class Reverse(AdjointMethod):
                 grad_p, grad_s, grad_hp, loss, end = _vjp(live, t, rng, p, s, grad_p, grad_s, wanted, grad_hp)
                 if t == stop - 1:  # the whole segment has been replayed: first its RNG, then its losses
                     where = f"step {t}" if start == t else f"steps {start}-{t}"
-                    none = trajectory.rngs.check_end(segment, first, end, where, "Reverse")
+                    if trajectory.rngs.check_end(segment, first, end, where, "Reverse"):
+                        known = _NO_DRAWS.format(steps=where)
+                    elif unset is not None and rng_key(end) != unset:
+                        known = _NEW_DRAWS.format(steps=where)
                     for u, recomputed in losses:
-                        _check_replay(u, recomputed, trajectory, start, none)
-                _check_replay(t, loss, trajectory, start, none)
+                        _check_replay(u, recomputed, trajectory, known)
+                _check_replay(t, loss, trajectory, known)
         if grad_s is not None and wanted:  # hyperparameters that shape the initial state (Rprop's lr, ...)
             with torch.enable_grad():
                 init = live.optimizer.init(trajectory.checkpoint(0)[0]).tensors()
@@ -218,19 +222,24 @@ _SAME_INPUTS = (
 )
 
 _NO_DRAWS = (
-    "In training, the global random number generator moved during steps {start}-{t}, but on replay "
-    "loss_fn drew no random numbers: most likely a dropout module was switched to .eval() since "
-    "training (or another thread drew random numbers during training). "
+    "In training, the global random number generator moved during {steps}, but on replay loss_fn drew "
+    "no random numbers: most likely a dropout module was switched to .eval() since training (or "
+    "another thread drew random numbers during training). "
+)
+
+_NEW_DRAWS = (
+    "In training, {steps} drew no random numbers, but on replay the global random number generator "
+    "moved: most likely a dropout module was switched to .train() since training (or another thread "
+    "drew random numbers meanwhile). "
 )
 
 
-def _check_replay(t: int, now: Tensor, trajectory: _Trajectory, start: int, no_draws: bool) -> None:
+def _check_replay(t: int, now: Tensor, trajectory: _Trajectory, known: str) -> None:
     """Raise instead of returning a wrong gradient when a recomputed step differs from training.
 
-    ``no_draws``: the replay of the segment from ``start`` drew no random numbers, but training did.
+    ``known``: what nestgrad could tell about the batch and the random numbers of the replay.
     """
     then = trajectory.losses[t]
     if torch.allclose(now, then, rtol=1e-6, atol=0.0, equal_nan=True):
         return
-    known = _NO_DRAWS.format(start=start, t=t) if no_draws else _SAME_INPUTS
     raise ReplayError(_NOT_REPLAYED.format(t=t, now=now.item(), then=then.item(), known=known))
