@@ -123,10 +123,15 @@ class ZerothOrder(AdjointMethod):
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
         start = rng_state()
         initial = {k: v.detach() for k, v in params.items()}
-        trained, _ = problem.fit(params)
+        threads = [threading.active_count()]  # the most threads seen running, for the error message
+
+        def count(*_: Any) -> None:
+            threads[0] = max(threads[0], threading.active_count())
+
+        trained, _ = problem.fit(params, before_step=count)
         end = rng_key(rng_state())
         # The re-runs replay the random numbers training drew; a run that drew none leaves the RNG alone.
-        rng = _Rng(start, end, threading.active_count()) if end != rng_key(start) else None
+        rng = _Rng(start, end, threads[0]) if end != rng_key(start) else None
         return trained, (initial, rng, trained)
 
     def backward(
