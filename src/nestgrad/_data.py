@@ -127,18 +127,21 @@ _BATCH_DIFFERS = (
     "global generator is fine: it is replayed."
 )
 
-_SAMPLE = 1024  # elements of each Tensor in the position-weighted reduction (the plain sum reads all)
+_SAMPLE = 1024  # elements of each Tensor in the position-weighted sum (the plain sum reads all of them)
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class _Fingerprints:
     """A cheap fingerprint per step of the batch read in training, to check the batch read on replay.
 
     The structure (pytree spec, shapes, dtypes, devices, non-Tensor leaves) is hashed on
-    the host; the values are two float64 numbers per batch, computed on the device
-    of the batch and written into one preallocated buffer (no host sync in training):
-    the sum of every element of every Tensor, and a position-weighted sum of up to
-    1024 evenly spaced elements of each (which a reordering changes), each leaf
-    weighted by its position. The comparison, at replay only, is bitwise.
+    the host. The values are two int64 numbers per batch, computed on the device of the
+    batch and written into one preallocated buffer, so training does not wait for the
+    device: the sum of the bits of every element of every Tensor (read as integers), and
+    a position-weighted sum over up to 1024 evenly spaced elements of each, which a
+    reordering changes; each Tensor is weighted by its position in the batch. Integer
+    sums do not depend on the order of the additions, so the number of threads cannot
+    change them. The comparison, at replay only, is exact.
     """
 
     def __init__(self, rows: int) -> None:
@@ -146,14 +149,15 @@ class _Fingerprints:
         self.index: dict[int, int] = {}
         self.keys: list[int] = []
         self.values: Tensor | None = None
-        self.weights: dict[torch.device, Tensor] = {}
+        self.weights: dict[tuple[torch.device, int], Tensor] = {}
+        self.positions: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
 
     def check(self, t: int, batch: Any, source: str) -> None:
         key, values = self._print(batch)
         row = self.index.get(t)
         if row is None:  # the first read of step t, in training
             if self.values is None:
-                self.values = torch.empty((self.rows, 2), dtype=torch.float64, device=values.device)
+                self.values = torch.empty((self.rows, 2), dtype=torch.int64, device=values.device)
             row = self.index[t] = len(self.keys)
             self.keys.append(key)
             self.values[row].copy_(values)
@@ -161,34 +165,45 @@ class _Fingerprints:
         if key != self.keys[row]:
             raise ReplayError(_BATCH_DIFFERS.format(source=source, t=t, what="its structure, shapes or dtypes differ"))
         assert self.values is not None
-        then = self.values[row].view(torch.int64)
-        if not torch.equal(then, values.to(then.device).view(torch.int64)):
+        if not torch.equal(self.values[row], values.to(self.values.device)):
             raise ReplayError(_BATCH_DIFFERS.format(source=source, t=t, what="the values of its Tensors differ"))
 
     def _print(self, batch: Any) -> tuple[int, Tensor]:
         leaves, spec = pytree.tree_flatten(batch)
         shape: list[Any] = [spec]
         sums: list[Tensor] = []
+        positions: list[int] = []
         for i, x in enumerate(leaves):
             if isinstance(x, Tensor):
                 shape.append((tuple(x.shape), x.dtype, x.device))
                 if x.numel():
-                    sums.append(self._reduce(x.detach()) * (i + 1))
+                    sums += self._reduce(x.detach())
+                    positions.append(i + 1)
             else:
                 shape.append(x if isinstance(x, (int, float, str, bool, type(None))) else type(x))
-        device = sums[0].device if sums else torch.device("cpu")
-        values = torch.stack([s.to(device) for s in sums]).sum(0) if sums else torch.zeros(2, dtype=torch.float64)
-        return hash(tuple(shape)), values
+        if not sums:
+            return hash(tuple(shape)), torch.zeros(2, dtype=torch.int64)
+        device = sums[0].device
+        stacked = torch.stack([v if v.device == device else v.to(device) for v in sums]).view(-1, 2)
+        key = (device, tuple(positions))
+        weights = self.positions.get(key)
+        if weights is None:  # each Tensor weighted by its position in the batch (no int64 matmul on CUDA)
+            weights = self.positions[key] = torch.tensor(positions, dtype=torch.int64, device=device)[:, None]
+        return hash(tuple(shape)), (stacked * weights).sum(0)
 
-    def _reduce(self, x: Tensor) -> Tensor:
-        if x.is_complex():
-            x = torch.view_as_real(x)
+    def _reduce(self, x: Tensor) -> list[Tensor]:
+        """Two int64 sums of the bits of ``x``, wrapping around: exact, in any order of the additions."""
         flat = x.reshape(-1)
-        if flat.dtype == torch.bool:
-            flat = flat.to(torch.uint8)
+        if flat.numel() * flat.element_size() % 8 == 0:
+            flat = flat.view(torch.int64)  # summed natively: 5x faster than upcasting
+            total = flat.sum()
+        else:
+            flat = flat.view(_INTS.get(x.element_size(), torch.uint8))
+            total = flat.sum(dtype=torch.int64)
         step = max(1, flat.numel() // _SAMPLE)
-        sample = flat[::step][:_SAMPLE].to(torch.float64)
-        weights = self.weights.get(x.device)
+        sample = flat[: step * _SAMPLE : step]
+        key = (x.device, sample.numel())
+        weights = self.weights.get(key)
         if weights is None:
-            weights = self.weights[x.device] = torch.arange(1, _SAMPLE + 1, dtype=torch.float64, device=x.device)
-        return torch.stack([flat.sum(dtype=torch.float64), torch.dot(sample, weights[: sample.numel()])])
+            weights = self.weights[key] = torch.arange(1, sample.numel() + 1, dtype=torch.int64, device=x.device)
+        return [total, (sample * weights).sum()]
