@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nestgrad as ng
+from nestgrad._attention import _math_sdpa
 from nestgrad._data import Batches
-from nestgrad._train import Problem, _math_sdpa
+from nestgrad._train import Problem
 
 
 def flags() -> tuple[bool, bool, bool, bool]:

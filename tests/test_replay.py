@@ -178,7 +178,7 @@ def test_another_thread_drawing_random_numbers_during_training_raises_and_says_s
         A = torch.zeros(len(X), requires_grad=True)
         out = ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.3), batches(X, y), steps=9,
                        hparams=A, method=method)  # fmt: skip
-        with pytest.raises(ReplayError, match=message + r".*2 Python threads were running.*separate processes"):
+        with pytest.raises(ReplayError, match=message + r".*\d+ Python threads were running.*separate processes"):
             torch.autograd.grad(val_loss(model, out, X, y), A)
 
 

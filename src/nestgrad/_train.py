@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.overrides import TorchFunctionMode, _pop_mode, _push_mode
 
+from ._attention import AttentionUse, attention
 from ._data import Batches
 from ._explain import require_path
 from ._methods import Method, Unroll
@@ -59,107 +56,6 @@ def detach_tree(tree: Any) -> Any:
     return tree
 
 
-_SDPA = F.scaled_dot_product_attention
-
-
-def _math_sdpa(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> Tensor:
-    """``F.scaled_dot_product_attention`` on the math kernel, as ``sdpa_kernel(SDPBackend.MATH)`` runs it."""
-    if attn_mask is not None and attn_mask.dtype == torch.bool:  # what sdpa does before choosing a kernel
-        attn_mask = torch.zeros((), dtype=query.dtype, device=attn_mask.device).masked_fill(
-            attn_mask.logical_not(), float("-inf")
-        )
-    return torch.ops.aten._scaled_dot_product_attention_math(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-    )[0]
-
-
-def _never(*args: Any) -> bool:
-    return False
-
-
-def _unguarded(fn: Any) -> Any:
-    """A copy of a Python-level torch function without its ``has_torch_function`` guard.
-
-    Inside a mode's ``__torch_function__`` the mode is off, so the torch calls inside a
-    Python-level function such as ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``,
-    ``nn.Transformer*``) would escape it. Running this copy with the mode on keeps them in
-    it. Nothing global changes: the copy has its own globals.
-    """
-    scope = {**fn.__globals__, "has_torch_function": _never}
-    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    return copy
-
-
-_MHA = F.multi_head_attention_forward
-_MHA_INSIDE = _unguarded(_MHA)  # calls F.scaled_dot_product_attention
-
-
-@dataclass
-class _AttentionUse:
-    """Whether a run's ``loss_fn`` calls attention: ``None`` until its first loss is computed."""
-
-    seen: bool | None = None
-
-
-class _MathAttention(TorchFunctionMode):
-    """Route ``F.scaled_dot_product_attention`` to the math kernel, in this thread only.
-
-    torch's own switch, ``torch.nn.attention.sdpa_kernel``, sets process-wide flags: two
-    threads that save and restore them interleave, and leave fused attention disabled for
-    the whole process. A torch function mode is thread-local, and nothing outlives the call.
-    """
-
-    def __init__(self, use: _AttentionUse) -> None:
-        super().__init__()
-        self.use = use
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _SDPA and not any(isinstance(x, Tensor) and x.is_nested for x in args[:3]):
-            self.use.seen = True
-            return _math_sdpa(*args, **kwargs)
-        if func is _MHA:
-            with self._again():
-                return _MHA_INSIDE(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _again(self) -> Any:
-        """This mode on again, inside its own ``__torch_function__`` (where torch turns it off)."""
-        _push_mode(self)
-        try:
-            yield
-        finally:
-            _pop_mode()
-
-    def __exit__(self, *exc: Any) -> Any:
-        if self.use.seen is None and exc[0] is None:
-            self.use.seen = False
-        return super().__exit__(*exc)
-
-
-def _attention(math_sdpa: bool, use: _AttentionUse) -> contextlib.AbstractContextManager[Any]:
-    """Where ``loss_fn`` runs: with attention on the math kernel when ``math_sdpa``, else as torch chooses.
-
-    Fused attention kernels have no double backward; the math kernel has one, and a method
-    that replays a step with a graph also trains on it, so that training and replay compute
-    the same thing. The mode costs about 1 us per torch call inside ``loss_fn``, so it is
-    dropped once a run's first loss called no attention at all (a ``loss_fn`` that calls
-    attention only from some later step on gets torch's choice there).
-    """
-    return _MathAttention(use) if math_sdpa and use.seen is not False else contextlib.nullcontext()
-
-
 @dataclass
 class Problem:
     """Everything a :class:`~nestgrad.Method` needs to run or replay a training run.
@@ -178,7 +74,7 @@ class Problem:
     check_path: bool = False  # check once that the hparams reach the loss (see ``loss``)
     # Attention on the math kernel in first-order steps too: set by methods that replay steps with a graph.
     math_attention: bool = False
-    attention: _AttentionUse = field(default_factory=_AttentionUse, repr=False)  # shared by copies of a run
+    attention: AttentionUse = field(default_factory=AttentionUse, repr=False)  # shared by copies of a run
 
     def hparam_tensors(self) -> list[Tensor]:
         """Every tensor a hypergradient can reach besides the initial params: the leaves of
@@ -201,7 +97,7 @@ class Problem:
         full = {**params, **self.frozen} if self.frozen else params
         hp = self.hparams if hparams is None else hparams
         batch = self.batches(t)
-        with _attention(math_sdpa, self.attention):
+        with attention(math_sdpa, self.attention):
             loss = self.loss_fn(full, batch, hp)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             got = _describe(loss)
@@ -216,7 +112,7 @@ class Problem:
             self.check_path = False
 
             def rerun(h: Any) -> Tensor:
-                with _attention(math_sdpa, self.attention):
+                with attention(math_sdpa, self.attention):
                     return self.loss_fn(full, batch, h)
 
             require_path(loss, self.hparams, rerun)

@@ -37,7 +37,9 @@ class ZerothOrder(AdjointMethod):
     and with ``antithetic=False``, :math:`\frac1N \sum_i \varepsilon_i\, v^\top\big(W(\lambda + \sigma\varepsilon_i)
     - W(\lambda)\big)/\sigma`, reusing the forward run as :math:`W(\lambda)`.
     Every re-run replays the data and the random numbers (dropout, sampling) of
-    the original run; only the hyperparameters differ.
+    the original run; only the hyperparameters differ. A re-run that reads another
+    batch for a step (``data=lambda t: next(it)``) or leaves torch's global generator
+    elsewhere than training did (another thread drawing from it) raises instead.
 
     No derivative of the training path is taken, so this is the method that still
     gives an answer when hyperparameters reach the trained weights only through
