@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from ._data import Batches, ReplayError
 from ._methods import AdjointMethod
-from ._rng import RngLog, RngState, replay_rng, rng_key, rng_state
+from ._rng import RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
 from .optim._base import OptState
 
 if TYPE_CHECKING:
@@ -221,6 +222,11 @@ _SAME_INPUTS = (
     "random numbers (or none), so neither is the cause. "
 )
 
+_SAME_BATCH = (
+    "nestgrad checked that the batch is the one training read. The random number generator ended "
+    "where it did in training, but that proves little here: "
+)
+
 _NO_DRAWS = (
     "In training, the global random number generator moved during {steps}, but on replay loss_fn drew "
     "no random numbers: most likely a dropout module was switched to .eval() since training (or "
@@ -242,4 +248,7 @@ def _check_replay(t: int, now: Tensor, trajectory: _Trajectory, known: str) -> N
     then = trajectory.losses[t]
     if torch.allclose(now, then, rtol=1e-6, atol=0.0, equal_nan=True):
         return
+    threads = max(trajectory.rngs.threads, threading.active_count())
+    if threads > 1:  # other threads setting and restoring the global generator can fool the RNG check
+        known = (_SAME_BATCH if known is _SAME_INPUTS else known) + threads_cause(threads) + " "
     raise ReplayError(_NOT_REPLAYED.format(t=t, now=now.item(), then=then.item(), known=known))
