@@ -210,5 +210,5 @@ def test_a_loss_that_changed_otherwise_says_the_batch_and_random_numbers_were_ch
     out = ng.train(loss_fn, dict(base.named_parameters()), ng.optim.SGD(lr=0.3), batches(X, y), steps=3, hparams=A,
                    method=ng.Reverse())  # fmt: skip
     scale[0] = 2.0
-    with pytest.raises(ReplayError, match=r"checked that the batch is the one training read.*neither is the cause"):
+    with pytest.raises(ReplayError, match=r"gave the loss .*nestgrad checked that the batch is the one training read"):
         torch.autograd.grad(val_loss(base, out, X, y), A)
