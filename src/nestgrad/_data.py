@@ -76,7 +76,7 @@ class Batches:
                 assert self._sequence is not None
                 batch = self._sequence[t % len(self._sequence)]
             if self._kept(t):
-                self._prints.check(t, batch, self._source())
+                self._prints.check(t, batch, self._source)
             return batch
         if t in self.seen:
             return self.seen[t]
@@ -152,7 +152,7 @@ class _Fingerprints:
         self.weights: dict[tuple[torch.device, int], Tensor] = {}
         self.positions: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
 
-    def check(self, t: int, batch: Any, source: str) -> None:
+    def check(self, t: int, batch: Any, source: Callable[[], str]) -> None:
         key, values = self._print(batch)
         row = self.index.get(t)
         if row is None:  # the first read of step t, in training
@@ -163,10 +163,11 @@ class _Fingerprints:
             self.values[row].copy_(values)
             return
         if key != self.keys[row]:
-            raise ReplayError(_BATCH_DIFFERS.format(source=source, t=t, what="its structure, shapes or dtypes differ"))
+            what = "its structure, shapes or dtypes differ"
+            raise ReplayError(_BATCH_DIFFERS.format(source=source(), t=t, what=what))
         assert self.values is not None
         if not torch.equal(self.values[row], values.to(self.values.device)):
-            raise ReplayError(_BATCH_DIFFERS.format(source=source, t=t, what="the values of its Tensors differ"))
+            raise ReplayError(_BATCH_DIFFERS.format(source=source(), t=t, what="the values of its Tensors differ"))
 
     def _print(self, batch: Any) -> tuple[int, Tensor]:
         leaves, spec = pytree.tree_flatten(batch)
