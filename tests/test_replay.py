@@ -212,3 +212,14 @@ def test_a_loss_that_changed_otherwise_says_the_batch_and_random_numbers_were_ch
     scale[0] = 2.0
     with pytest.raises(ReplayError, match=r"gave the loss .*nestgrad checked that the batch is the one training read"):
         torch.autograd.grad(val_loss(base, out, X, y), A)
+
+
+def test_a_batch_of_another_shape_on_replay_raises():
+    _, X, y = problem(0)
+    size = [8]
+
+    def data(t):  # reads state that changes after training
+        return X[: size[0]], y[: size[0]], torch.arange(size[0])
+
+    with pytest.raises(ReplayError, match=r"different batch for step 8 on replay .*its structure, shapes or dtypes"):
+        train_and_differentiate(ng.FiniteDiff(), data, before_backward=lambda: size.__setitem__(0, 6))
