@@ -169,6 +169,9 @@ _WALK_LIMIT = 512  # graph nodes one operation may look through before falling b
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _THIS = os.path.abspath(__file__)
+# Frames that only pass a call on: this module, and the attention mode that ng.train installs
+# (a call made through it was still written by the user).
+_TRANSPARENT = frozenset([_THIS, _OWN_DIR + "_attention.py"])
 _ACCUMULATE_GRAD = type((torch.zeros((), requires_grad=True) * 1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 _SET_GRAD_ENABLED = torch._C._set_grad_enabled
 
@@ -320,7 +323,7 @@ def _user_frame() -> tuple[FrameType | None, bool]:
     internal: bool | None = None
     while frame is not None:
         name = frame.f_code.co_filename
-        if name == _THIS or name.startswith(_TORCH_DIR):
+        if name in _TRANSPARENT or name.startswith(_TORCH_DIR):
             frame = frame.f_back
             continue
         ours = name.startswith(_OWN_DIR)

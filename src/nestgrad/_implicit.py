@@ -162,6 +162,7 @@ class Implicit(AdjointMethod):
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
         if not self._fixed_point:
             _check_gradient_condition(problem.optimizer, self.solver)
+        problem = dataclasses.replace(problem, math_attention=True)  # the kernel of the backward pass
         rngs: list[RngState] = []
 
         def before_step(t: int, p: dict[str, Tensor], state: OptState) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ._data import Batches
+from ._data import Batches, ReplayError
 from ._methods import AdjointMethod
-from ._rng import RngState, replay_rng, rng_state
+from ._rng import RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
 from .optim._base import OptState
 
 if TYPE_CHECKING:
@@ -22,10 +24,10 @@ class Reverse(AdjointMethod):
     """Exact reverse mode without keeping the autograd graph of every step.
 
     The forward pass is plain first-order training that stores the weights and
-    optimizer state before each step (or before every ``checkpoint_every``-th step)
-    and each step's RNG state. The backward pass walks the steps in reverse: it
-    recomputes each step with a graph, takes its vector-Jacobian product, and frees
-    it. The result equals :class:`Unroll` to float precision.
+    optimizer state before each step (or before every ``checkpoint_every``-th step),
+    and the RNG state there when the steps that follow draw random numbers. The
+    backward pass walks the steps in reverse: it recomputes each step with a graph,
+    takes its vector-Jacobian product, and frees it. The result equals :class:`Unroll` to float precision.
 
     Memory: ``T`` copies of weights and state, or ``T/k + k`` with
     ``checkpoint_every=k`` (``k ≈ √T`` is the classic choice), against ``T``
@@ -33,7 +35,13 @@ class Reverse(AdjointMethod):
     backward per step (two with checkpointing).
 
     Randomness (dropout) replays exactly; batches from sequences and callables are
-    re-read, and batches from iterators are stored.
+    re-read (and checked against a fingerprint taken in training), and batches from
+    iterators are stored. Attention runs on the math kernel in training as in the
+    recomputation (which needs its double backward), so both compute the same thing.
+    A recomputed step that differs from training raises a ``RuntimeError`` naming the
+    cause where nestgrad can tell it: a different batch, other random numbers (another
+    thread drawing from torch's global generator, or a dropout switched to ``.eval()``),
+    else a different loss.
 
     Args:
         checkpoint_every: store the trajectory every ``k`` steps only and recompute
@@ -64,6 +72,7 @@ class Reverse(AdjointMethod):
         return Batches(data, steps, keep=True)
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+        problem = dataclasses.replace(problem, math_attention=True)  # the kernel the recomputation needs
         trajectory = _Trajectory(problem.steps, self.checkpoint_every or 1)
         trained, _ = problem.fit(params, before_step=trajectory.save, after_step=trajectory.save_loss)
         return trained, trajectory
@@ -72,6 +81,7 @@ class Reverse(AdjointMethod):
         self, problem: Problem, saved: Any, grads: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
         trajectory: _Trajectory = saved
+        problem = dataclasses.replace(problem, math_attention=True)
         every = trajectory.every
         originals = problem.hparam_tensors()
         leaves = [h.detach().requires_grad_(h.requires_grad) for h in originals]
@@ -82,18 +92,30 @@ class Reverse(AdjointMethod):
         grad_s: list[Tensor | None] | None = None  # None: the final state does not reach the loss
         for start in reversed(range(0, problem.steps, every)):
             stop = min(start + every, problem.steps)
+            segment = start // every
+            first = trajectory.rngs.start(segment)
             p, s = trajectory.checkpoint(start)
-            segment = {start: (p, s)}
-            for t in range(start, stop - 1):  # recompute the states inside the segment
-                with replay_rng(trajectory.rng(t)), torch.no_grad():
+            states = {start: (p, s, first)}
+            losses, known = [], _SAME_INPUTS
+            unset = rng_key(rng_state()) if first is None else None  # to see whether the replay draws anyway
+            for t in range(start, stop - 1):  # recompute the states inside the segment, and their RNG states
+                with replay_rng(states[t][2]), torch.no_grad():
                     p, s, loss = problem.step(p, s, t, create_graph=False)
                     p = {k: v.detach() for k, v in p.items()}
-                _check_replay(t, loss, trajectory.losses[t])
-                segment[t + 1] = (p, s)
+                    states[t + 1] = (p, s, None if first is None else rng_state())
+                losses.append((t, loss))
             for t in reversed(range(start, stop)):
-                p, s = segment.pop(t)
-                grad_p, grad_s, grad_hp, loss = _vjp(live, t, trajectory.rng(t), p, s, grad_p, grad_s, wanted, grad_hp)
-                _check_replay(t, loss, trajectory.losses[t])
+                p, s, rng = states.pop(t)
+                grad_p, grad_s, grad_hp, loss, end = _vjp(live, t, rng, p, s, grad_p, grad_s, wanted, grad_hp)
+                if t == stop - 1:  # the whole segment has been replayed: first its RNG, then its losses
+                    where = f"step {t}" if start == t else f"steps {start}-{t}"
+                    if trajectory.rngs.check_end(segment, first, end, where, "Reverse"):
+                        known = _NO_DRAWS.format(steps=where)
+                    elif unset is not None and rng_key(end) != unset:
+                        known = _NEW_DRAWS.format(steps=where)
+                    for u, recomputed in losses:
+                        _check_replay(u, recomputed, trajectory, known)
+                _check_replay(t, loss, trajectory, known)
         if grad_s is not None and wanted:  # hyperparameters that shape the initial state (Rprop's lr, ...)
             with torch.enable_grad():
                 init = live.optimizer.init(trajectory.checkpoint(0)[0]).tensors()
@@ -107,11 +129,12 @@ class Reverse(AdjointMethod):
 
 
 class _Trajectory:
-    """Checkpoints, RNG states and losses of a run, in buffers allocated once, at step 0.
+    """Checkpoints, RNG states and losses of a run, in buffers allocated once.
 
     Keeping one small tensor per step alive between each step's large, short-lived
     activations fragments the heap: glibc then holds 3-6 times the bytes stored. One
-    buffer per tensor, written in place, does not.
+    buffer per tensor, written in place, does not. RNG states are kept per checkpoint,
+    and only where the steps that follow draw random numbers (:class:`RngLog`).
     """
 
     def __init__(self, steps: int, every: int) -> None:
@@ -120,29 +143,27 @@ class _Trajectory:
         self.names: list[str] = []
         self.template: OptState | None = None
         self.counts: dict[int, dict[str, int]] = {}
-        self.rngs = torch.empty(0, dtype=torch.uint8)
-        self.cuda: list[list[Tensor]] = []
+        self.rngs = RngLog(steps, every)
         self.losses = torch.empty(steps, dtype=torch.float64)
 
     def save(self, t: int, params: dict[str, Tensor], state: OptState) -> None:
-        cpu, cuda = rng_state()
         tensors = [*params.values(), *state.tensors()]
         if t == 0:
             n = -(-self.steps // self.every)
             self.buffers = [x.new_empty((n, *x.shape)) for x in tensors]
             self.names, self.template = list(params), state
-            self.rngs = cpu.new_empty((self.steps, cpu.numel()))
         if t % self.every == 0:
             for buffer, x in zip(self.buffers, tensors, strict=True):
                 buffer[t // self.every].copy_(x)
             self.counts[t] = dict(state.step)
-        self.rngs[t].copy_(cpu)
-        self.cuda.append(cuda)
+        self.rngs.record(t)
 
     def save_loss(self, t: int, loss: Tensor) -> None:
         if t == 0:
             self.losses = loss.new_empty(self.steps)
         self.losses[t] = loss
+        if t == self.steps - 1:
+            self.rngs.record(self.steps)
 
     def checkpoint(self, t: int) -> tuple[dict[str, Tensor], OptState]:
         assert self.template is not None
@@ -151,26 +172,27 @@ class _Trajectory:
         state = self.template.with_tensors(values[n:])
         return dict(zip(self.names, values[:n], strict=True)), OptState(self.counts[t], state.slots)
 
-    def rng(self, t: int) -> RngState:
-        return self.rngs[t].clone(), self.cuda[t]  # a clone: set_rng_state on a row view crashes
-
 
 def _vjp(
     problem: Problem,
     t: int,
-    rng: RngState,
+    rng: RngState | None,
     params: dict[str, Tensor],
     state: OptState,
     grad_p: dict[str, Tensor | None],
     grad_s: list[Tensor | None] | None,
     hparams: list[Tensor],
     grad_hp: list[Tensor | None],
-) -> tuple[dict[str, Tensor | None], list[Tensor | None], list[Tensor | None], Tensor]:
-    """Recompute step ``t`` with a graph and pull the cotangents back through it."""
+) -> tuple[dict[str, Tensor | None], list[Tensor | None], list[Tensor | None], Tensor, RngState]:
+    """Recompute step ``t`` with a graph and pull the cotangents back through it.
+
+    Also returns the RNG state right after the step's loss and update, to check the replay.
+    """
     with torch.enable_grad(), replay_rng(rng):
         p = {k: v.detach().requires_grad_() for k, v in params.items()}
         s = state.with_tensors([x.detach().requires_grad_(x.is_floating_point()) for x in state.tensors()])
         new_p, new_s, loss = problem.step(p, s, t, create_graph=True)
+        end = rng_state()
         outs, cots = [], []
         for k, v in new_p.items():
             if grad_p.get(k) is not None and v.requires_grad:
@@ -188,20 +210,52 @@ def _vjp(
     new_grad_s = [next(it) if x.requires_grad else None for x in s.tensors()]
     step_hp = got[len(inputs) - len(hparams) :]
     grad_hp = [a if b is None else b if a is None else a + b for a, b in zip(grad_hp, step_hp, strict=True)]
-    return new_grad_p, new_grad_s, grad_hp, loss
+    return new_grad_p, new_grad_s, grad_hp, loss, end
 
 
 _NOT_REPLAYED = (
     "nestgrad.Reverse: recomputing step {t} gave the loss {now:.17g}, but training saw {then:.17g}. "
     "Reverse re-runs loss_fn during the backward pass, so loss_fn must compute the same thing "
-    "then as during training. Common causes: a module switched between .train() and .eval() "
-    "(dropout, BatchNorm) between ng.train(...) and the backward call; loss_fn reading global "
-    "state that changed. Keep the modes as they were until backward() returns, or use "
-    "nestgrad.Unroll(), which records the graph instead of recomputing it."
+    "then as during training. {known}Possible causes: a module switched between .train() and .eval() "
+    "(dropout, BatchNorm) between ng.train(...) and the backward call; loss_fn reading state that "
+    "changed since training (a global, a module attribute, a tensor updated in place); a "
+    "nondeterministic kernel (torch.use_deterministic_algorithms(True) rules that out). Keep the "
+    "modes as they were until backward() returns, or use nestgrad.Unroll(), which records the graph "
+    "instead of recomputing it."
+)
+
+_SAME_INPUTS = (
+    "nestgrad checked that the batch is the one training read, and that the step drew the same "
+    "random numbers (or none), so neither is the cause. "
+)
+
+_SAME_BATCH = (
+    "nestgrad checked that the batch is the one training read. The random number generator ended "
+    "where it did in training, but that proves little here: "
+)
+
+_NO_DRAWS = (
+    "In training, the global random number generator moved during {steps}, but on replay loss_fn drew "
+    "no random numbers: most likely a dropout module was switched to .eval() since training (or "
+    "another thread drew random numbers during training). "
+)
+
+_NEW_DRAWS = (
+    "In training, {steps} drew no random numbers, but on replay the global random number generator "
+    "moved: most likely a dropout module was switched to .train() since training (or another thread "
+    "drew random numbers meanwhile). "
 )
 
 
-def _check_replay(t: int, now: Tensor, then: Tensor) -> None:
-    """Raise instead of returning a wrong gradient when a recomputed step differs from training."""
-    if not torch.allclose(now, then, rtol=1e-6, atol=0.0, equal_nan=True):
-        raise RuntimeError(_NOT_REPLAYED.format(t=t, now=now.item(), then=then.item()))
+def _check_replay(t: int, now: Tensor, trajectory: _Trajectory, known: str) -> None:
+    """Raise instead of returning a wrong gradient when a recomputed step differs from training.
+
+    ``known``: what nestgrad could tell about the batch and the random numbers of the replay.
+    """
+    then = trajectory.losses[t]
+    if torch.allclose(now, then, rtol=1e-6, atol=0.0, equal_nan=True):
+        return
+    threads = max(trajectory.rngs.threads, threading.active_count())
+    if threads > 1:  # other threads setting and restoring the global generator can fool the RNG check
+        known = (_SAME_BATCH if known is _SAME_INPUTS else known) + threads_cause(threads) + " "
+    raise ReplayError(_NOT_REPLAYED.format(t=t, now=now.item(), then=then.item(), known=known))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -12,8 +11,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ._attention import AttentionUse, attention
 from ._buffers import RunBuffers, running
 from ._data import Batches
 from ._explain import PathReport, reaches, require_path
@@ -57,11 +56,6 @@ def detach_tree(tree: Any) -> Any:
     if isinstance(tree, (tuple, list)):
         return type(tree)(detach_tree(v) for v in tree)
     return tree
-
-
-def _attention(math_sdpa: bool) -> contextlib.AbstractContextManager[Any]:
-    # Fused attention kernels have no double backward; the math kernel has one.
-    return sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext()
 
 
 _OUTSIDE = (
@@ -190,6 +184,9 @@ class Problem:
     # a replay (``replay=True``: a backward pass re-running steps) gets throwaway copies.
     replay: bool = False
     buffers: RunBuffers = field(default_factory=RunBuffers, repr=False, compare=False)
+    # Attention on the math kernel in first-order steps too: set by methods that replay steps with a graph.
+    math_attention: bool = False
+    attention: AttentionUse = field(default_factory=AttentionUse, repr=False)  # shared by copies of a run
     origin: Any = None  # the caller's hparams when ``hparams`` holds views of them (Unroll): the path check's target
     _unused: PathReport | None = field(default=None, init=False, repr=False)
     _flags: list[tuple[int, Tensor]] = field(default_factory=list, init=False, repr=False)
@@ -225,7 +222,8 @@ class Problem:
         batch = self.batches(t)
         versions = [v._version for v in params.values()]
         try:
-            with _attention(math_sdpa), running(self.buffers.throwaway() if self.replay else self.buffers):
+            buffers = self.buffers.throwaway() if self.replay else self.buffers
+            with attention(math_sdpa, self.attention), running(buffers):
                 loss = self.loss_fn(full, batch, hp)
         except RuntimeError as err:
             if "leaf Variable that requires grad is being used in an in-place operation" in str(err):
@@ -258,7 +256,7 @@ class Problem:
             return
 
         def rerun(h: Any) -> Tensor:
-            with _attention(math_sdpa), running(self.buffers.throwaway()):
+            with attention(math_sdpa, self.attention), running(self.buffers.throwaway()):
                 return self.loss_fn(full, batch, h)
 
         report = require_path(loss, target, rerun)
@@ -304,7 +302,7 @@ class Problem:
         else:
             params = {k: v.detach().requires_grad_() for k, v in params.items()}
             with torch.enable_grad():
-                loss = self.loss(params, t, detach_tree(self.hparams), math_sdpa=False)
+                loss = self.loss(params, t, detach_tree(self.hparams), math_sdpa=self.math_attention)
                 grads = self.grads(params, loss, t, False)
             with torch.no_grad():
                 new, new_state = self.optimizer.update(grads, state, params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -11,9 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._data import Batches
+from ._data import Batches, ReplayError
 from ._methods import AdjointMethod
-from ._rng import replay_rng, rng_state
+from ._rng import RngState, replay_rng, rng_key, rng_state, threads_cause
 
 if TYPE_CHECKING:
     from ._train import Problem
@@ -36,7 +37,9 @@ class ZerothOrder(AdjointMethod):
     and with ``antithetic=False``, :math:`\frac1N \sum_i \varepsilon_i\, v^\top\big(W(\lambda + \sigma\varepsilon_i)
     - W(\lambda)\big)/\sigma`, reusing the forward run as :math:`W(\lambda)`.
     Every re-run replays the data and the random numbers (dropout, sampling) of
-    the original run; only the hyperparameters differ.
+    the original run; only the hyperparameters differ. A re-run that reads another
+    batch for a step (``data=lambda t: next(it)``) or leaves torch's global generator
+    elsewhere than training did (another thread drawing from it) raises instead.
 
     No derivative of the training path is taken, so this is the method that still
     gives an answer when hyperparameters reach the trained weights only through
@@ -129,9 +132,17 @@ class ZerothOrder(AdjointMethod):
         return Batches(data, steps, keep=True)
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
-        rng = rng_state()
+        start = rng_state()
         initial = {k: v.detach() for k, v in params.items()}
-        trained, _ = problem.fit(params)
+        threads = [threading.active_count()]  # the most threads seen running, for the error message
+
+        def count(*_: Any) -> None:
+            threads[0] = max(threads[0], threading.active_count())
+
+        trained, _ = problem.fit(params, before_step=count)
+        end = rng_key(rng_state())
+        # The re-runs replay the random numbers training drew; a run that drew none leaves the RNG alone.
+        rng = _Rng(start, end, threads[0]) if end != rng_key(start) else None
         return trained, (initial, rng, trained)
 
     def backward(
@@ -147,8 +158,11 @@ class ZerothOrder(AdjointMethod):
             moved = list(tensors)
             for i, d in zip(wanted, shift):
                 moved[i] = tensors[i] + (sign * self.sigma) * d
-            with torch.no_grad(), replay_rng(rng):
-                return quiet.with_hparam_tensors(moved).fit(initial)[0]
+            with torch.no_grad(), replay_rng(None if rng is None else rng.start):
+                out = quiet.with_hparam_tensors(moved).fit(initial)[0]
+                if rng is not None:
+                    rng.check(rng_state())
+            return out
 
         total = [torch.zeros_like(tensors[i]) for i in wanted]
         moved = False  # whether any perturbed run changed the outer loss's linearization at all
@@ -169,6 +183,26 @@ class ZerothOrder(AdjointMethod):
         supply = iter(acc / self.samples for acc in total)
         return {}, [next(supply) if i in wanted else None for i in range(len(tensors))]
 
+
+@dataclass(frozen=True)
+class _Rng:
+    """Where the global RNG stood before and after training, to replay it and check each re-run."""
+
+    start: RngState
+    end: bytes
+    threads: int
+
+    def check(self, now: RngState) -> None:
+        key = rng_key(now)
+        if key != self.end and key != rng_key(self.start):  # a re-run that drew no random numbers is fine
+            raise ReplayError(_RNG_DIFFERS.format(cause=threads_cause(self.threads)))
+
+
+_RNG_DIFFERS = (
+    "nestgrad.ZerothOrder: a re-run of the training at perturbed hyperparameters drew other random numbers "
+    "than training did (the global generator ended in another state), so the estimate would compare runs "
+    "on different noise. {cause}"
+)
 
 _FLAT = (
     "nestgrad.ZerothOrder: all {samples} perturbed training runs (sigma={sigma:g}) moved the outer loss "
