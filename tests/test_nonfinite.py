@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nestgrad as ng
+from nestgrad._nonfinite import all_finite
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -128,14 +129,13 @@ def test_the_flags_are_read_in_batches_off_the_cpu(monkeypatch):
     """The accelerator path (flags kept on the device, read every CHECK_EVERY steps), run on the CPU."""
     import nestgrad._train as train_module
 
-    real = train_module.finite
-
     class OnDevice:  # a flag that claims to live on an accelerator, so that nothing is read per step
         def __init__(self, flag):
             self.flag, self.device = flag, torch.device("meta")
 
     reads = []
-    monkeypatch.setattr(train_module, "finite", lambda ts: OnDevice(real(ts)))
+    # An accelerator's flag is exact (the infinity norm): no false alarm from an overflowing L2 norm.
+    monkeypatch.setattr(train_module, "finite", lambda ts: OnDevice(torch.tensor(all_finite(ts))))
     monkeypatch.setattr(train_module, "CHECK_EVERY", 8)
     stack = torch.stack
 
@@ -214,3 +214,27 @@ def test_check_finite_must_be_a_bool():
     with pytest.raises(TypeError, match="check_finite must be True or False"):
         ng.train(weighted, {"w": torch.zeros(3, requires_grad=True)}, ng.optim.SGD(lr=0.1), [(x, y)], steps=1,
                  check_finite="yes")  # fmt: skip
+
+
+def test_huge_but_finite_float32_values_are_not_an_error():
+    """The fast check's norm overflows on entries near float32's limit; the exact check clears them."""
+    x = torch.ones(4, 3, dtype=torch.float32)
+    w = torch.full((3,), 1e37, dtype=torch.float32, requires_grad=True)  # w**2 overflows, w does not
+
+    def loss_fn(p, batch, A):
+        return (x @ p["w"]).mean() * 1e-30  # finite loss, gradients and update
+
+    trained = ng.train(loss_fn, {"w": w}, ng.optim.SGD(lr=0.1), [None], steps=3)
+    assert torch.isfinite(trained["w"]).all() and not torch.isfinite(trained["w"].norm())
+    torch.autograd.grad(trained["w"].sum() * 1e-30, w)  # the backward checks clear it as well
+
+
+def test_a_zeroth_order_rerun_that_diverges_blames_sigma():
+    x, y = regression()
+    critical = float(2 / torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())  # SGD diverges above this lr
+    lr = torch.tensor(0.9 * critical, requires_grad=True)  # stable; lr + sigma * 1.54 (the first direction) is not
+    w = ng.train(weighted, {"w": torch.zeros(3, requires_grad=True)}, ng.optim.SGD(lr=lr), [(x, y)], steps=800,
+                 method=ng.ZerothOrder(samples=2, sigma=0.5 * critical, seed=0))  # fmt: skip
+    assert torch.isfinite(w["w"]).all()
+    with pytest.raises(ng.NonFiniteError, match=r"re-run of training at hparams \+ sigma \* direction.*lower sigma"):
+        torch.autograd.grad((w["w"] ** 2).sum(), lr)

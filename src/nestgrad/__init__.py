@@ -6,6 +6,7 @@ The whole public API is listed here; implementations live in private modules.
 from . import higher, optim
 from ._call import call
 from ._check import CheckResult, check
+from ._data import ReplayError
 from ._explain import DisconnectedError, PartialPathWarning, PathReport, explain, tracking
 from ._finite_diff import FiniteDiff
 from ._forward import Forward
@@ -37,6 +38,7 @@ __all__ = [
     "PartialPathWarning",
     "PathReport",
     "Problem",
+    "ReplayError",
     "Reverse",
     "Solution",
     "Unroll",

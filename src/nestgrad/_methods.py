@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._data import Batches
-from ._nonfinite import backward_error, bad_names, finite
+from ._nonfinite import any_nonfinite, backward_error, bad_names
 
 if TYPE_CHECKING:
     from ._train import Problem
@@ -157,7 +157,7 @@ class _Adjoint(torch.autograd.Function):
             # the trained weights die.
             ctx.run, ctx.method_name = None, name
         incoming = dict(zip(names, grads, strict=True))
-        if problem.check_finite and not finite([g for g in grads if g is not None]):
+        if problem.check_finite and any_nonfinite(grads):
             what = "the gradient arriving at the trained weights is not finite:"
             raise backward_error(name, what, bad_names(incoming), incoming, _OUTER_NAN)  # type: ignore[arg-type]
         replay = dataclasses.replace(problem, replay=True)  # re-running steps must not advance buffers again
@@ -176,8 +176,7 @@ def _check_hypergradient(
     name: str, hint: str, problem: Problem, grad_params: dict[str, Tensor | None], grad_hparams: list[Tensor | None]
 ) -> None:
     """Raise NonFiniteError if a method's backward pass gave NaN or inf from finite inputs."""
-    got = [g for g in [*grad_params.values(), *grad_hparams] if g is not None]
-    if finite(got):
+    if not any_nonfinite([*grad_params.values(), *grad_hparams]):
         return
     named = {f"the initial params[{k!r}]": g for k, g in grad_params.items() if g is not None}
     named |= {k: g for k, g in zip(problem.hparam_names(), grad_hparams, strict=True) if g is not None}
@@ -277,7 +276,7 @@ def _raise_if_not_finite(named: dict[str, Tensor], what: str, hint: str) -> None
         return
 
     def check(grads: Any) -> None:
-        if not finite([g for g in grads if g is not None]):
+        if any_nonfinite(grads):
             got = {k: g for k, g in zip(named, grads, strict=True) if g is not None}
             raise backward_error("Unroll", what, bad_names(got), got, hint)
 

@@ -1,7 +1,8 @@
 """Non-finite values in a training run: found at the step where they appear, named, never passed on.
 
 Every step of every method is checked (``Problem.step``): the loss, the updated weights and
-the optimizer state, with one fused reduction (an infinity norm per tensor, stacked). A NaN
+the optimizer state, with one fused reduction (an L2 norm per tensor, summed; an overflow of
+that sum is only an alarm, confirmed exactly before anything is raised). A NaN
 or inf in a gradient reaches the updated weights or the state in the same step, so these are
 enough to detect anything; only when something is found is the step examined in detail
 (which gradient, which state slot) to write the message. On the CPU the check runs every step (its
@@ -33,19 +34,40 @@ class NonFiniteError(RuntimeError):
 
 
 def finite(tensors: Sequence[Tensor]) -> Tensor:
-    """A 0-dim bool Tensor: whether every floating-point element of ``tensors`` is finite (no sync)."""
+    """A 0-dim bool Tensor, computed without a sync: False if any element of ``tensors`` is NaN or inf.
+
+    On the CPU, one fused L2 norm per tensor (13x faster there than the infinity norm: 18 against
+    230 us for the benchmark MLP's weights): NaN and inf always reach it, but a finite tensor with
+    entries near the dtype's limit can overflow it, so False is only an alarm, which
+    :func:`all_finite` confirms exactly before anything is raised. On an accelerator, where the
+    flag is read later, the infinity norm: exact.
+    """
     floats = [x.detach() for x in tensors if x.is_floating_point() or x.is_complex()]
     if not floats:
         return torch.ones((), dtype=torch.bool)
     with torch.no_grad():
-        norms = torch._foreach_norm(floats, ord=float("inf"))
-        return torch.stack(norms).isfinite().all() if len(norms) > 1 else norms[0].isfinite()
+        if floats[0].device.type != "cpu":  # exact where the flag is not read at once (no false alarm)
+            return torch.stack(torch._foreach_norm(floats, ord=float("inf"))).isfinite().all()
+        norms = torch._foreach_norm(floats)
+        return (torch.stack(norms).sum() if len(norms) > 1 else norms[0]).isfinite()
+
+
+def all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether every element of ``tensors`` is finite: exact (one sync per tensor; for confirmations)."""
+    with torch.no_grad():
+        return all(bool(x.isfinite().all()) for x in tensors if x is not None and x.is_floating_point())
+
+
+def any_nonfinite(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether some element of ``tensors`` is NaN or inf: the fast check, confirmed exactly on alarm."""
+    present = [x for x in tensors if x is not None]
+    return not bool(finite(present)) and not all_finite(present)
 
 
 def bad_names(named: Mapping[str, Tensor | None] | Iterable[tuple[str, Tensor | None]]) -> list[str]:
     """The names whose tensor holds a NaN or inf (one sync per tensor: only for messages)."""
     items = named.items() if isinstance(named, Mapping) else named
-    return [k for k, x in items if x is not None and x.is_floating_point() and not bool(finite([x]))]
+    return [k for k, x in items if x is not None and not all_finite([x])]
 
 
 def _what(x: Tensor) -> str:
@@ -93,7 +115,7 @@ def training_error(
             f"from an outer step that diverged (lower the outer learning rate) or from a NaN hypergradient "
             f"applied without a check. {_OPT_OUT}"
         )
-    if not bool(finite([loss])):
+    if not all_finite([loss]):
         cause = (
             "loss_fn returned it from finite weights and hyperparameters: look for log(0) or log of a negative "
             "number (use F.log_softmax / F.cross_entropy, or clamp the argument), division by zero, sqrt of a "

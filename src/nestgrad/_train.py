@@ -17,7 +17,7 @@ from ._buffers import RunBuffers, running
 from ._data import Batches
 from ._explain import PathReport, reaches, require_path
 from ._methods import AdjointMethod, Method, Unroll, is_out_of_memory, out_of_memory
-from ._nonfinite import CHECK_EVERY, NonFiniteError, finite, training_error
+from ._nonfinite import CHECK_EVERY, NonFiniteError, all_finite, finite, training_error
 from .optim._base import Optimizer, OptState, _check_params, _describe
 
 LossFn = Callable[[dict[str, Tensor], Any, Any], Tensor]
@@ -317,9 +317,10 @@ class Problem:
         every ``CHECK_EVERY`` steps and at the end of the run (``range``): no sync per step.
         """
         loss, _, _, new, new_state = step
-        ok = finite([loss, *new.values(), *new_state.tensors()])
+        checked = [loss, *new.values(), *new_state.tensors()]
+        ok = finite(checked)
         if ok.device.type == "cpu":
-            if not ok:
+            if not ok and not all_finite(checked):
                 raise self._nonfinite(t, step)
             return
         self._flags.append((t, ok))
@@ -336,6 +337,9 @@ class Problem:
         self._flags.clear()
         if bool(oks.all()):
             return
+        loss, _, _, new, new_state = self._last
+        if all_finite([loss, *new.values(), *new_state.tensors()]):
+            return  # a norm overflowed on huge but finite values (NaN and inf stay in the weights)
         first = steps[int((~oks).nonzero()[0, 0])]
         late = (
             "" if first == steps[-1] else f" (details from step {steps[-1]}: flags are read every {CHECK_EVERY} steps)"

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ._data import Batches, ReplayError
 from ._methods import AdjointMethod
+from ._nonfinite import NonFiniteError
 from ._rng import RngState, replay_rng, rng_key, rng_state, threads_cause
 
 if TYPE_CHECKING:
@@ -159,7 +160,11 @@ class ZerothOrder(AdjointMethod):
             for i, d in zip(wanted, shift):
                 moved[i] = tensors[i] + (sign * self.sigma) * d
             with torch.no_grad(), replay_rng(None if rng is None else rng.start):
-                out = quiet.with_hparam_tensors(moved).fit(initial)[0]
+                try:
+                    out = quiet.with_hparam_tensors(moved).fit(initial)[0]
+                except (NonFiniteError, ValueError) as err:  # the unperturbed run worked: the shift is to blame
+                    sign_ = "+" if sign > 0 else "-"
+                    raise type(err)(_PERTURBED.format(sigma=self.sigma, sign=sign_, err=err)) from err
                 if rng is not None:
                     rng.check(rng_state())
             return out
@@ -202,6 +207,13 @@ _RNG_DIFFERS = (
     "nestgrad.ZerothOrder: a re-run of the training at perturbed hyperparameters drew other random numbers "
     "than training did (the global generator ended in another state), so the estimate would compare runs "
     "on different noise. {cause}"
+)
+
+_PERTURBED = (
+    "nestgrad.ZerothOrder: a re-run of training at hparams {sign} sigma * direction (sigma={sigma:g}) failed, "
+    "although the run at the hparams themselves did not. The perturbation moved the hparams out of their range "
+    "or to where training diverges (e.g. a learning rate pushed negative or too high): lower sigma, or "
+    "reparametrize the hparams (a learning rate on a log scale). The re-run said: {err}"
 )
 
 _FLAT = (

@@ -76,7 +76,6 @@ only; until either is called, ``fmodel`` follows the model's own mode.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -85,9 +84,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import optim as _optim
+from ._attention import AttentionUse, attention
 from ._call import call
 
 __all__ = ["DifferentiableOptimizer", "FunctionalModel", "innerloop_ctx"]
@@ -154,6 +153,7 @@ class FunctionalModel:
         self.track_higher_grads = track_higher_grads
         self._names = [n for n, _ in module.named_parameters()]
         self._buffers = buffers
+        self._attention = AttentionUse()  # whether forward calls attention: after one call without, no mode
         self._history: list[list[Tensor]] = []
         self._training = training
         self.update_params(params)
@@ -229,7 +229,7 @@ class FunctionalModel:
             self.update_params(params)
         # As in ng.train: fused attention kernels have no double backward, the math kernel has.
         math = self.track_higher_grads and torch.is_grad_enabled()
-        with sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext():
+        with attention(math, self._attention):  # in this thread only: no global flag is touched
             if self._training is None:
                 return call(self.module, self.tensors(), *args, **kwargs)
             modes = [(m, m.training) for m in self.module.modules()]
