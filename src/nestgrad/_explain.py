@@ -70,7 +70,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
@@ -383,17 +383,24 @@ def reaches(output: Tensor, hparams: Any) -> bool:
         return False
     leaf_ids = {id(h) for h in leaves if h.grad_fn is None and h.requires_grad}
     nodes = {id(h.grad_fn) for h in leaves if h.grad_fn is not None}
-    stack: list[Any] = [output.grad_fn]
+    return any(
+        id(node) in nodes or (type(node) is _ACCUMULATE_GRAD and id(node.variable) in leaf_ids)
+        for node in graph_nodes(output.grad_fn)
+    )
+
+
+def graph_nodes(root: Any, stop: Callable[[Any], bool] | None = None) -> Iterator[Any]:
+    """Every node of the autograd graph behind ``root`` once, depth first, not walking past a node where ``stop``."""
+    stack: list[Any] = [root]
     seen: dict[int, Any] = {}  # holds the nodes, so that no id is reused during the walk
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen[id(node)] = node
-        if id(node) in nodes or (type(node) is _ACCUMULATE_GRAD and id(node.variable) in leaf_ids):
-            return True
-        stack.extend(n for n, _ in node.next_functions)
-    return False
+        yield node
+        if stop is None or not stop(node):
+            stack.extend(n for n, _ in node.next_functions)
 
 
 # ---------------------------------------------------------------------------------------------------- tracker

@@ -15,7 +15,7 @@ from torch import Tensor
 from ._attention import AttentionUse, attention
 from ._buffers import RunBuffers, running
 from ._data import Batches
-from ._explain import PathReport, reaches, require_path
+from ._explain import PathReport, graph_nodes, reaches, require_path
 from ._methods import AdjointMethod, Method, Unroll, is_out_of_memory, out_of_memory
 from ._nonfinite import CHECK_EVERY, NonFiniteError, all_finite, finite, training_error
 from .optim._base import Optimizer, OptState, _check_params, _describe
@@ -110,20 +110,13 @@ def _require_inputs(loss: Tensor, allowed: set[int], start: int, t: int, method:
     ``allowed``, or any node created before the step began (sequence number below ``start``),
     is a tensor from outside params and hparams. Only the step's own nodes are walked.
     """
-    stack: list[Any] = [loss.grad_fn]
-    seen: dict[int, Any] = {}  # holds the nodes, so that no id is reused during the walk
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        if type(node).__name__ == "AccumulateGrad":
-            if id(node.variable) not in allowed:
-                raise RuntimeError(_OUTSIDE.format(method=method, t=t, what=_describe_input(node)))
-            continue
-        if node._sequence_nr() < start:
+
+    def outside(node: Any) -> bool:  # a leaf, or a node from before the step: the walk stops there
+        return type(node).__name__ == "AccumulateGrad" or node._sequence_nr() < start
+
+    for node in graph_nodes(loss.grad_fn, stop=outside):
+        if outside(node) and id(getattr(node, "variable", None)) not in allowed:
             raise RuntimeError(_OUTSIDE.format(method=method, t=t, what=_describe_input(node)))
-        stack.extend(n for n, _ in node.next_functions)
 
 
 def _check_loss(loss: Any, t: int) -> None:
