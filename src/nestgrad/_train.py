@@ -491,11 +491,12 @@ def train(
         )
     check = bool(leaves) and torch.is_grad_enabled() and method.needs_path and any(t.requires_grad for _, t in leaves)
     strict = isinstance(method, AdjointMethod) and torch.is_grad_enabled()
-    name = type(method).__name__
-    batches = method.batches(data, steps)
     buffers = RunBuffers(frozen)
-    problem = Problem(loss_fn, optimizer, batches, steps, hparams, frozen, progress, check, name, check_finite, strict)
-    problem.buffers = buffers
+    problem = Problem(
+        loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen,
+        progress=progress, check_path=check, method=type(method).__name__, check_finite=check_finite,
+        strict=strict, buffers=buffers,
+    )  # fmt: skip
     versions = _write_counts(frozen)
     # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
     trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
