@@ -212,7 +212,7 @@ def test_saved_jacobian_has_a_size_independent_of_the_number_of_steps():
     for steps in (2, 20):
         opt = ng.optim.Adam(lr=lr)
         problem = Problem(weighted_loss(model), opt, Batches(data, steps), steps, (A, torch.tensor(1.0)), {})
-        _, saved = Forward().forward(problem, params)
+        _, _, saved = Forward().forward(problem, params)
         assert isinstance(saved, Jacobian)
         tensors = [t for t in pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)]
         assert [tuple(t.shape) for t in tensors] == [(K, *p.shape) for p in params.values()]

@@ -85,7 +85,7 @@ def test_rng_state_is_stored_once_per_checkpoint_and_not_at_all_without_randomne
     for model, rows in [(with_dropout(base, nn.Dropout(0.3)), segments), (base, 0)]:
         params = dict(model.named_parameters())
         prob = Problem(weighted_loss(model), ng.optim.Adam(lr=0.01), Batches(batches(X, y), steps), steps, X[:, 0], {})
-        _, trajectory = ng.Reverse(checkpoint_every=every).forward(prob, params)
+        _, _, trajectory = ng.Reverse(checkpoint_every=every).forward(prob, params)
         log = trajectory.rngs
         assert log.starts.numel() == rows * STATE_BYTES  # O(T/k) bytes, and none when nothing is random
         assert len(log.ends) == rows and log.cuda == {}
@@ -123,7 +123,7 @@ def test_segments_that_draw_no_random_numbers_store_none_and_replay_exactly():
         return torch.autograd.grad(val_loss(model, out, X, y), A)[0]
 
     prob = Problem(loss_fn, ng.optim.Adam(lr=0.03), Batches(data, 12), 12, torch.zeros(len(X)), {})
-    _, trajectory = ng.Reverse(checkpoint_every=3).forward(prob, dict(model.named_parameters()))
+    _, _, trajectory = ng.Reverse(checkpoint_every=3).forward(prob, dict(model.named_parameters()))
     assert sorted(trajectory.rngs.ends) == [1, 3]
     ref = grad(ng.Unroll())
     assert rel(grad(ng.Reverse(checkpoint_every=3)), ref) <= 1e-10

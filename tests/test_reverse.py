@@ -94,7 +94,7 @@ def test_memory_stores_one_checkpoint_every_k_steps():
     params = dict(model.named_parameters())
     for steps, every, expected in [(20, None, 20), (20, 5, 4), (20, 6, 4), (100, 10, 10)]:
         prob = Problem(weighted_loss(model), ng.optim.Adam(lr=0.01), Batches(batches(X, y), steps), steps, A, {})
-        _, trajectory = ng.Reverse(checkpoint_every=every).forward(prob, params)
+        _, _, trajectory = ng.Reverse(checkpoint_every=every).forward(prob, params)
         assert len(trajectory.counts) == expected == math.ceil(steps / (every or 1))
         assert all(b.shape[0] == expected for b in trajectory.buffers)  # one preallocated buffer per tensor
         assert trajectory.losses.shape[0] == steps

@@ -88,7 +88,7 @@ class FiniteDiff(AdjointMethod):
     def batches(self, data: Any, steps: int) -> Batches:
         return Batches(data, steps, keep={steps - 1})
 
-    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
         t = problem.steps - 1
         w, state = problem.fit(params, stop=t)
         # The last step, as Problem.step does it, but keeping its gradient for the backward pass.
@@ -98,8 +98,10 @@ class FiniteDiff(AdjointMethod):
             loss = problem.loss(p, t, detach_tree(problem.hparams), math_sdpa=False)
             g = problem.grads(p, loss, t, create_graph=False)
         with torch.no_grad():
-            trained, _ = problem.optimizer.update(g, state, p)
-        return {k: v.detach() for k, v in trained.items()}, (w, state, g, rng)
+            trained, final = problem.optimizer.update(g, state, p)
+        if problem.check_finite:
+            problem._check_finite(t, (loss, p, g, trained, final))
+        return {k: v.detach() for k, v in trained.items()}, final, (w, state, g, rng)
 
     def backward(
         self, problem: Problem, saved: Any, grads: dict[str, Tensor]

@@ -31,6 +31,7 @@ class Jacobian(NamedTuple):
 
     tangents: dict[str, Tangent]
     slices: list[tuple[int, int] | None]
+    state_tangents: list[Tangent]  # d final state tensor / d hparams, in the order of ``OptState.tensors()``
 
 
 _TOO_MANY = (
@@ -129,6 +130,7 @@ class Forward(AdjointMethod):
     """
 
     differentiates_params = False
+    differentiates_state: ClassVar[bool] = True  # the final state's Jacobian is kept too
     rereads: ClassVar[frozenset[str]] = frozenset()  # the Jacobian is all the backward pass reads
     nonfinite_hint: ClassVar[str] = (
         "The tangents carried through training overflowed or met an infinite derivative: with "
@@ -151,7 +153,7 @@ class Forward(AdjointMethod):
                 none = " or None (all directions at once)" if allow_none else ""
                 raise ValueError(f"nestgrad.Forward: {name} must be a positive int{none}; got {value!r}.")
 
-    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Jacobian]:
+    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Jacobian]:
         originals = problem.hparam_tensors()
         slices: list[tuple[int, int] | None] = []
         count = 0
@@ -164,24 +166,33 @@ class Forward(AdjointMethod):
         if count > self.max_hparams:
             raise ValueError(_TOO_MANY.format(count=count, limit=self.max_hparams))
         if count == 0:
-            return problem.fit(params)[0], Jacobian({k: None for k in params}, slices)
+            trained, state = problem.fit(params)
+            return trained, state, Jacobian({k: None for k in params}, slices, [None] * len(state.tensors()))
         leaves = [h.detach().requires_grad_(h.requires_grad) if isinstance(h, Tensor) else h for h in originals]
         live = problem.with_hparam_tensors(leaves)
         wanted = [(h, s) for h, s in zip(leaves, slices, strict=True) if s is not None]
         chunk = self.chunk_size or count
         with torch.enable_grad():
             p = {k: v.detach() for k, v in params.items()}
-            state = live.optimizer.init(p)
+            state = live.init_state(p)
             dp: list[Tangent] = [None] * len(p)
-            ds = _tangents(state.tensors(), [], [], wanted, count, chunk)
+            given = problem.state is not None  # a given state is a constant here (one with a graph raised)
+            ds = [None] * len(state.tensors()) if given else _tangents(state.tensors(), [], [], wanted, count, chunk)
             state = _detached(state)
             for t in live.range():
                 p, state, dp, ds = _step(live, t, p, state, dp, ds, wanted, count, chunk)
-        return p, Jacobian(dict(zip(p, dp, strict=True)), slices)
+        kept = ds if problem.returns_state else [None] * len(ds)  # the state's Jacobian only when it is returned
+        return p, state, Jacobian(dict(zip(p, dp, strict=True)), slices, kept)
 
     def backward(
-        self, problem: Problem, saved: Jacobian, grads: dict[str, Tensor]
-    ) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
+        self,
+        problem: Problem,
+        saved: Jacobian,
+        grads: dict[str, Tensor],
+        state_grads: list[Tensor | None] | None = None,
+    ) -> tuple[dict[str, Tensor | None], list[Tensor | None], list[Tensor | None]]:
+        pairs = [(z, grads.get(name)) for name, z in saved.tangents.items()]
+        pairs += list(zip(saved.state_tangents, state_grads or [], strict=False))  # a returned state, differentiated
         out: list[Tensor | None] = []
         with torch.no_grad():
             for h, rows in zip(problem.hparam_tensors(), saved.slices, strict=True):
@@ -190,12 +201,12 @@ class Forward(AdjointMethod):
                     continue
                 start, stop = rows
                 total = torch.zeros(stop - start, dtype=h.dtype, device=h.device)
-                for name, z in saved.tangents.items():
-                    g = grads.get(name)
+                for z, g in pairs:
                     if z is not None and g is not None:
                         total += (z[start:stop].flatten(1) @ g.flatten().to(z.dtype)).to(h.dtype)
                 out.append(total.reshape(h.shape))
-        return {}, out
+        given = [] if problem.state is None else problem.state.tensors()  # no gradient w.r.t. a given state
+        return {}, out, [None] * len(given)
 
 
 def _step(

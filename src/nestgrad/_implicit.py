@@ -159,7 +159,7 @@ class Implicit(AdjointMethod):
     def _fixed_point(self) -> bool:
         return isinstance(self.solver, FixedPoint)
 
-    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
         if not self._fixed_point:
             _check_gradient_condition(problem.optimizer, self.solver)
         problem = dataclasses.replace(problem, math_attention=True)  # the kernel of the backward pass
@@ -172,7 +172,7 @@ class Implicit(AdjointMethod):
         trained, state = problem.fit(params, before_step=before_step)
         # Detached aliases: storing the outputs themselves would make a reference cycle through ctx.
         saved = ({k: v.detach() for k, v in trained.items()}, state, rngs[-1])
-        return trained, saved
+        return trained, state, saved
 
     def backward(
         self, problem: Problem, saved: Any, grads: dict[str, Tensor]

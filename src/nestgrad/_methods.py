@@ -13,6 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from ._data import Batches
 from ._nonfinite import any_nonfinite, backward_error, bad_names
+from .optim._base import OptState
 
 if TYPE_CHECKING:
     from ._train import Problem
@@ -34,8 +35,11 @@ class Method(abc.ABC):
         return Batches(data, steps)
 
     @abc.abstractmethod
-    def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Train ``params`` for ``problem.steps`` steps and return the trained weights."""
+    def run(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState]:
+        """Train ``params`` for ``problem.steps`` steps from ``problem.init_state(params)``.
+
+        Returns the trained weights and the final optimizer state.
+        """
 
 
 class AdjointMethod(Method):
@@ -57,29 +61,44 @@ class AdjointMethod(Method):
     """
 
     differentiates_params: ClassVar[bool] = True
+    #: Whether :meth:`backward` takes the cotangents of the final optimizer state (``state_grads``)
+    #: and returns a third element, dL/d(initial state tensors). Methods without it raise when the
+    #: final state returned by ``train(..., return_state=True)`` is differentiated.
+    differentiates_state: ClassVar[bool] = False
     #: What :meth:`backward` reads again of the user's tensors: some of "params" (the initial weights),
     #: "hparams", "frozen" and "trained" (the outputs). Changing them in place before backward raises.
     rereads: ClassVar[frozenset[str]] = frozenset({"hparams", "frozen"})
     #: What a NaN or inf hypergradient from finite inputs means for this method, and what to do.
     nonfinite_hint: ClassVar[str] = ""
 
-    def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    def run(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState]:
         if not torch.is_grad_enabled():
-            return problem.fit(params)[0]
+            return problem.fit(params)
         names = tuple(params)
-        given = params if self.differentiates_params else {k: v.detach() for k, v in params.items()}
-        outs = _Adjoint.apply(self, problem, names, *given.values(), *problem.hparam_tensors())
-        return dict(zip(names, outs, strict=True))
+        state = problem.state  # a given initial state is an input; a fresh one is made inside the run
+        slots = [] if state is None else state.tensors()
+        if not self.differentiates_params:
+            params = {k: v.detach() for k, v in params.items()}
+            slots = [x.detach() for x in slots]
+        final: list[OptState] = []  # _Adjoint.forward leaves the final state's structure here
+        outs = _Adjoint.apply(self, problem, (names, state, final), *params.values(), *slots, *problem.hparam_tensors())
+        n = len(names)
+        return dict(zip(names, outs[:n], strict=True)), final[0].with_tensors(outs[n:])
 
     @abc.abstractmethod
-    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
-        """Train (autograd is off) and return ``(trained_params, saved)``; ``saved`` goes to :meth:`backward`."""
+    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
+        """Train (autograd is off) from ``problem.init_state(params)``.
+
+        Returns ``(trained_params, final_state, saved)``; ``saved`` goes to :meth:`backward`.
+        """
 
     @abc.abstractmethod
-    def backward(
-        self, problem: Problem, saved: Any, grads: dict[str, Tensor]
-    ) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
-        """Given dL/d(trained params), return dL/d(initial params) and dL/d(``problem.hparam_tensors()``)."""
+    def backward(self, problem: Problem, saved: Any, grads: dict[str, Tensor]) -> Any:
+        """Given dL/d(trained params), return dL/d(initial params) and dL/d(``problem.hparam_tensors()``).
+
+        With ``differentiates_state``, it is called with ``state_grads`` too (the cotangents of the
+        final state's tensors, ``None`` where unused) and returns dL/d(initial state tensors) third.
+        """
 
 
 _FREED = (
@@ -135,41 +154,68 @@ _OUTER_NAN = (
 )
 
 
+_STATE_NOT_DIFFERENTIATED = (
+    "nestgrad.train ({method}): the final optimizer state returned by train(..., return_state=True) is "
+    "being differentiated, but {method} gives gradients through the trained weights only. Use "
+    "nestgrad.Unroll() or nestgrad.Reverse() for a run whose returned state is differentiated (e.g. the "
+    "first of two segments differentiated together), or .detach() the state before passing it on."
+)
+
+
 class _Adjoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, method: AdjointMethod, problem: Problem, names: tuple[str, ...], *tensors: Tensor) -> Any:
-        params = dict(zip(names, tensors[: len(names)], strict=True))
-        trained, saved = method.forward(problem, params)
-        ctx.run = (method, problem, names, saved)
+    def forward(ctx: Any, method: AdjointMethod, problem: Problem, layout: Any, *tensors: Tensor) -> Any:
+        names, state, final = layout
+        n, m = len(names), 0 if state is None else len(state.tensors())
+        params = dict(zip(names, tensors[:n], strict=True))
+        if state is not None:
+            problem = dataclasses.replace(problem, state=state.with_tensors(tensors[n : n + m]))
+        trained, state, saved = method.forward(problem, params)
+        final.append(state)
+        ctx.set_materialize_grads(False)  # an unused output (a state slot, usually) gets None, not zeros
+        ctx.run = (method, problem, names, saved, m)
+        ctx.zeros = [(v.shape, v.dtype, v.device) for v in (trained[k] for k in names)]
         ctx.versions = _versions(method, problem, params, trained)
-        return tuple(trained[k] for k in names)
+        return (*(trained[k] for k in names), *state.tensors())
 
     @staticmethod
     @once_differentiable  # methods give first derivatives; a second one must raise, not be silently wrong
     def backward(ctx: Any, *grads: Tensor) -> Any:
         if ctx.run is None:
             raise RuntimeError(_FREED.format(method=ctx.method_name))
-        method, problem, names, saved = ctx.run
+        method, problem, names, saved, m = ctx.run
         name = type(method).__name__
+        n = len(names)
+        state_grads: list[Tensor | None] = list(grads[n:])
+        grads = grads[:n]
         _check_versions(name, ctx.versions)
         if not _keeps_graph():
             # Like autograd's own saved tensors: free the trajectory / Jacobian now, not when
             # the trained weights die.
             ctx.run, ctx.method_name = None, name
+        zero = [torch.zeros(*like[:1], dtype=like[1], device=like[2]) for like in ctx.zeros]
+        grads = tuple(z if g is None else g for g, z in zip(grads, zero, strict=True))  # as autograd materializes
         incoming = dict(zip(names, grads, strict=True))
-        if problem.check_finite and any_nonfinite(grads):
+        if problem.check_finite and any_nonfinite([*grads, *state_grads]):
             what = "the gradient arriving at the trained weights is not finite:"
             raise backward_error(name, what, bad_names(incoming), incoming, _OUTER_NAN)  # type: ignore[arg-type]
         replay = dataclasses.replace(problem, replay=True)  # re-running steps must not advance buffers again
+        grad_state: list[Tensor | None] = [None] * m
         try:
-            grad_params, grad_hparams = method.backward(replay, saved, incoming)
+            if method.differentiates_state:
+                got = method.backward(replay, saved, incoming, state_grads=state_grads)
+                grad_params, grad_hparams, grad_state = got
+            elif any(g is not None for g in state_grads):
+                raise RuntimeError(_STATE_NOT_DIFFERENTIATED.format(method=name))
+            else:
+                grad_params, grad_hparams = method.backward(replay, saved, incoming)
         except RuntimeError as err:
             if not is_out_of_memory(err) or str(err).startswith("nestgrad."):
                 raise
             raise out_of_memory(name, "in the backward pass") from err
         if problem.check_finite:
-            _check_hypergradient(name, method.nonfinite_hint, problem, grad_params, grad_hparams)
-        return (None, None, None, *(grad_params.get(k) for k in names), *grad_hparams)
+            _check_hypergradient(name, method.nonfinite_hint, problem, grad_params, [*grad_hparams, *grad_state])
+        return (None, None, None, *(grad_params.get(k) for k in names), *grad_state, *grad_hparams)
 
 
 def _check_hypergradient(
@@ -179,7 +225,8 @@ def _check_hypergradient(
     if not any_nonfinite([*grad_params.values(), *grad_hparams]):
         return
     named = {f"the initial params[{k!r}]": g for k, g in grad_params.items() if g is not None}
-    named |= {k: g for k, g in zip(problem.hparam_names(), grad_hparams, strict=True) if g is not None}
+    names = [*problem.hparam_names(), *(f"the initial optimizer state[{i}]" for i in range(len(grad_hparams)))]
+    named |= {k: g for k, g in zip(names, grad_hparams, strict=False) if g is not None}
     what = "the hypergradient is not finite although the training run and the incoming gradient were, for"
     raise backward_error(name, what, bad_names(named), named, hint)  # type: ignore[arg-type]
 
@@ -228,20 +275,21 @@ class Unroll(Method):
                 f"nestgrad.Unroll: truncate must be None (differentiate every step) or an int >= 1; got {t!r}."
             )
 
-    def run(self, problem: Problem, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    def run(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState]:
         differentiable = torch.is_grad_enabled()
         first = 0 if self.truncate is None else max(problem.steps - self.truncate, 0)
         watch = differentiable and problem.check_finite
         if watch:  # raise on a NaN or inf hypergradient, as the other methods do
             problem, params = _watch_inputs(problem, params)
-        state = problem.optimizer.init(params)
+        state = problem.init_state(params)
         for t in problem.range():
             if t == first and first > 0:  # start a fresh graph after the truncated steps
                 params = {k: v.detach().requires_grad_() for k, v in params.items()}
+                state = state.with_tensors([x.detach() for x in state.tensors()])
             params, state, _ = problem.step(params, state, t, create_graph=differentiable and t >= first)
         if not differentiable or first == problem.steps:
-            return {k: v.detach() for k, v in params.items()}
-        return _watch_outputs(params) if watch else params
+            return {k: v.detach() for k, v in params.items()}, state.with_tensors([x.detach() for x in state.tensors()])
+        return (_watch_outputs(params) if watch else params), state
 
 
 def _watch_inputs(problem: Problem, params: dict[str, Tensor]) -> tuple[Problem, dict[str, Tensor]]:

@@ -54,6 +54,7 @@ class Reverse(AdjointMethod):
 
     checkpoint_every: int | None = None
 
+    differentiates_state: ClassVar[bool] = True
     nonfinite_hint: ClassVar[str] = (
         "The adjoint pulled back through the stored steps overflowed or met an infinite derivative: with "
         "Adam/RMSprop/Adagrad keep eps_root > 0 (the default 1e-30), since sqrt has an infinite derivative "
@@ -71,15 +72,15 @@ class Reverse(AdjointMethod):
     def batches(self, data: Any, steps: int) -> Batches:
         return Batches(data, steps, keep=True)
 
-    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
         problem = dataclasses.replace(problem, math_attention=True)  # the kernel the recomputation needs
         trajectory = _Trajectory(problem.steps, self.checkpoint_every or 1)
-        trained, _ = problem.fit(params, before_step=trajectory.save, after_step=trajectory.save_loss)
-        return trained, trajectory
+        trained, state = problem.fit(params, before_step=trajectory.save, after_step=trajectory.save_loss)
+        return trained, state, trajectory
 
     def backward(
-        self, problem: Problem, saved: Any, grads: dict[str, Tensor]
-    ) -> tuple[dict[str, Tensor | None], list[Tensor | None]]:
+        self, problem: Problem, saved: Any, grads: dict[str, Tensor], state_grads: list[Tensor | None] | None = None
+    ) -> tuple[dict[str, Tensor | None], list[Tensor | None], list[Tensor | None]]:
         trajectory: _Trajectory = saved
         problem = dataclasses.replace(problem, math_attention=True)
         every = trajectory.every
@@ -89,7 +90,8 @@ class Reverse(AdjointMethod):
         wanted = [h for h in leaves if h.requires_grad]
         grad_hp: list[Tensor | None] = [None] * len(wanted)
         grad_p: dict[str, Tensor | None] = dict(grads)
-        grad_s: list[Tensor | None] | None = None  # None: the final state does not reach the loss
+        # None: the final state does not reach the loss (unless it was returned and differentiated)
+        grad_s: list[Tensor | None] | None = state_grads if any(g is not None for g in state_grads or []) else None
         for start in reversed(range(0, problem.steps, every)):
             stop = min(start + every, problem.steps)
             segment = start // every
@@ -116,6 +118,10 @@ class Reverse(AdjointMethod):
                     for u, recomputed in losses:
                         _check_replay(u, recomputed, trajectory, known)
                 _check_replay(t, loss, trajectory, known)
+        if problem.state is not None:  # a given initial state: its tensors get the state's cotangents
+            supply = iter(grad_hp)
+            grad_state = grad_s if grad_s is not None else [None] * len(problem.state.tensors())
+            return grad_p, [next(supply) if h.requires_grad else None for h in originals], grad_state
         if grad_s is not None and wanted:  # hyperparameters that shape the initial state (Rprop's lr, ...)
             with torch.enable_grad():
                 init = live.optimizer.init(trajectory.checkpoint(0)[0]).tensors()
@@ -125,7 +131,7 @@ class Reverse(AdjointMethod):
                     got = torch.autograd.grad(outs, wanted, cots, allow_unused=True)
                     grad_hp = [a if b is None else b if a is None else a + b for a, b in zip(grad_hp, got, strict=True)]
         supply = iter(grad_hp)
-        return grad_p, [next(supply) if h.requires_grad else None for h in originals]
+        return grad_p, [next(supply) if h.requires_grad else None for h in originals], []
 
 
 class _Trajectory:

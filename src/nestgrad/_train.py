@@ -181,9 +181,15 @@ class Problem:
     math_attention: bool = False
     attention: AttentionUse = field(default_factory=AttentionUse, repr=False)  # shared by copies of a run
     origin: Any = None  # the caller's hparams when ``hparams`` holds views of them (Unroll): the path check's target
+    state: OptState | None = None  # the optimizer state to start from; None: ``optimizer.init(params)``
+    returns_state: bool = False  # whether train returns the final state (so a method keeps what it needs)
     _unused: PathReport | None = field(default=None, init=False, repr=False)
     _flags: list[tuple[int, Tensor]] = field(default_factory=list, init=False, repr=False)
     _last: tuple[Any, ...] = field(default=(), init=False, repr=False)
+
+    def init_state(self, params: dict[str, Tensor]) -> OptState:
+        """The optimizer state the run starts from: the one given to ``train``, else a fresh one."""
+        return self.optimizer.init(params) if self.state is None else self.state
 
     def hparam_tensors(self) -> list[Tensor]:
         """Every tensor a hypergradient can reach besides the initial params: the leaves of
@@ -359,7 +365,7 @@ class Problem:
         ``after_step(t, loss)`` after it.
         """
         stop = self.steps if stop is None else stop
-        state = self.optimizer.init(params) if state is None else state
+        state = self.init_state(params) if state is None else state
         for t in self.range(start, stop):
             if before_step is not None:
                 before_step(t, params, state)
@@ -398,7 +404,9 @@ def train(
     method: Method | None = None,
     progress: bool = False,
     check_finite: bool = True,
-) -> dict[str, Tensor]:
+    state: OptState | None = None,
+    return_state: bool = False,
+) -> Any:
     """Run ``steps`` optimizer updates and return the trained weights.
 
     The result is a differentiable function of ``hparams``, of the initial
@@ -431,9 +439,17 @@ def train(
             method's backward pass meets one. ``False`` lets NaN and inf through. On the CPU
             each step is checked; on an accelerator the flags are read every 32 steps and at the
             end, without a sync per step.
+        state: the optimizer state to start from, e.g. the one a previous call returned: its step
+            counts continue (Adam's bias correction, schedules), so 10 steps and then 10 more from
+            the returned state are the 20-step run. ``None`` starts fresh (``optimizer.init``).
+            A state that carries a graph (from an earlier segment) is differentiated through by
+            Unroll and Reverse; the other methods raise instead of dropping that path.
+        return_state: also return the final optimizer state: ``(weights, state)``. Its tensors are
+            differentiable outputs with Unroll and Reverse.
 
     Returns:
-        ``dict[str, Tensor]`` with the same names as ``params``.
+        ``dict[str, Tensor]`` with the same names as ``params``; with ``return_state``, the pair
+        ``(weights, OptState)``.
 
     Your tensors and module are never changed: ``loss_fn`` receives clones of
     the trainable ``params`` (gradients still reach them), and buffers that a
@@ -479,6 +495,9 @@ def train(
         )
     trainable = _trainable(params)
     frozen = {k: v for k, v in params.items() if k not in trainable}
+    if not isinstance(return_state, bool):
+        raise TypeError(f"nestgrad.train: return_state must be True or False; got {_describe(return_state)}.")
+    _check_start(method, trainable, state)
     leaves = list(hparam_leaves(hparams)) if hparams is not None else []
     if leaves and torch.is_grad_enabled() and not any(t.requires_grad for _, t in leaves):
         names = ", ".join(p for p, _ in leaves[:3])
@@ -495,15 +514,53 @@ def train(
     problem = Problem(
         loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen,
         progress=progress, check_path=check, method=type(method).__name__, check_finite=check_finite,
-        strict=strict, buffers=buffers,
+        strict=strict, buffers=buffers, state=state, returns_state=return_state,
     )  # fmt: skip
     versions = _write_counts(frozen)
     # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
-    trained = method.run(problem, {k: v.clone() for k, v in trainable.items()})
+    trained, final = method.run(problem, {k: v.clone() for k, v in trainable.items()})
     _check_unwritten(frozen, versions)
     buffers.warn_discarded()
     trained = {**trained, **buffers.trained()}
-    return {k: trained[k] if k in trained else v for k, v in params.items()}
+    weights = {k: trained[k] if k in trained else v for k, v in params.items()}
+    return (weights, final) if return_state else weights
+
+
+_NOT_A_STATE = (
+    "nestgrad.train: state must be the OptState that optimizer.init(params) or a previous "
+    "train(..., return_state=True) returned; got {got}."
+)
+
+_STATE_NAMES = (
+    "nestgrad.train: state holds step counts for {have}, but the trainable params are {want}. Pass the "
+    "state returned for these same params (frozen ones, with requires_grad=False, have no state)."
+)
+
+_PATH_DROPPED = (
+    "nestgrad.train ({method}): {what} carries a graph (it is the output of a differentiable computation, "
+    "e.g. an earlier nestgrad.train segment), but {method} does not differentiate through the initial "
+    "weights and optimizer state, so that path would be silently dropped. Use nestgrad.Unroll() or "
+    "nestgrad.Reverse() for this run, or .detach() it to drop the path on purpose (warm-starting from "
+    "weights you do not differentiate through)."
+)
+
+
+def _check_start(method: Method, trainable: dict[str, Tensor], state: OptState | None) -> None:
+    """Raise if ``state`` does not fit the params, or if ``method`` would drop a path into the start."""
+    if state is not None:
+        if not isinstance(state, OptState):
+            raise TypeError(_NOT_A_STATE.format(got=_describe(state)))
+        if set(state.step) != set(trainable):
+            raise ValueError(_STATE_NAMES.format(have=sorted(state.step), want=sorted(trainable)))
+    if not torch.is_grad_enabled() or getattr(method, "differentiates_params", True):
+        return
+    connected = [f"params[{k!r}]" for k, v in trainable.items() if v.grad_fn is not None]
+    if state is not None:
+        connected += [f"the given optimizer state ({len(state.tensors())} tensors)"] * any(
+            x.grad_fn is not None for x in state.tensors()
+        )
+    if connected:
+        raise RuntimeError(_PATH_DROPPED.format(method=type(method).__name__, what=connected[0]))
 
 
 def _trainable(params: Mapping[str, Tensor]) -> dict[str, Tensor]:

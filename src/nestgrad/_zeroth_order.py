@@ -132,7 +132,7 @@ class ZerothOrder(AdjointMethod):
     def batches(self, data: Any, steps: int) -> Batches:
         return Batches(data, steps, keep=True)
 
-    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any]:
+    def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Any, Any]:
         start = rng_state()
         initial = {k: v.detach() for k, v in params.items()}
         threads = [threading.active_count()]  # the most threads seen running, for the error message
@@ -140,11 +140,11 @@ class ZerothOrder(AdjointMethod):
         def count(*_: Any) -> None:
             threads[0] = max(threads[0], threading.active_count())
 
-        trained, _ = problem.fit(params, before_step=count)
+        trained, state = problem.fit(params, before_step=count)
         end = rng_key(rng_state())
         # The re-runs replay the random numbers training drew; a run that drew none leaves the RNG alone.
         rng = _Rng(start, end, threads[0]) if end != rng_key(start) else None
-        return trained, (initial, rng, trained)
+        return trained, state, (initial, rng, trained)
 
     def backward(
         self, problem: Problem, saved: Any, grads: dict[str, Tensor]
