@@ -203,7 +203,7 @@ class Forward(AdjointMethod):
                 total = torch.zeros(stop - start, dtype=h.dtype, device=h.device)
                 for z, g in pairs:
                     if z is not None and g is not None:
-                        total += (z[start:stop].flatten(1) @ g.flatten().to(z.dtype)).to(h.dtype)
+                        total += (z[start:stop].reshape(stop - start, -1) @ g.flatten().to(z.dtype)).to(h.dtype)
                 out.append(total.reshape(h.shape))
         given = [] if problem.state is None else problem.state.tensors()  # no gradient w.r.t. a given state
         return {}, out, [None] * len(given)

@@ -441,7 +441,9 @@ def train(
             end, without a sync per step.
         state: the optimizer state to start from, e.g. the one a previous call returned: its step
             counts continue (Adam's bias correction, schedules), so 10 steps and then 10 more from
-            the returned state are the 20-step run. ``None`` starts fresh (``optimizer.init``).
+            the returned state are the 20-step run. It names the params it trains (also when they
+            do not require grad, as the weights a ``torch.no_grad()`` run returns); the others stay
+            frozen. ``None`` starts fresh (``optimizer.init``).
             A state that carries a graph (from an earlier segment) is differentiated through by
             Unroll and Reverse; the other methods raise instead of dropping that path.
         return_state: also return the final optimizer state: ``(weights, state)``. Its tensors are
@@ -493,10 +495,10 @@ def train(
             f"nestgrad.train: method must be a nestgrad method object such as nestgrad.Unroll(); "
             f"got {_describe(method)}."
         )
-    trainable = _trainable(params)
-    frozen = {k: v for k, v in params.items() if k not in trainable}
     if not isinstance(return_state, bool):
         raise TypeError(f"nestgrad.train: return_state must be True or False; got {_describe(return_state)}.")
+    trainable = _trainable(params) if state is None else _stated(params, state)
+    frozen = {k: v for k, v in params.items() if k not in trainable}
     _check_start(method, trainable, state)
     leaves = list(hparam_leaves(hparams)) if hparams is not None else []
     if leaves and torch.is_grad_enabled() and not any(t.requires_grad for _, t in leaves):
@@ -532,8 +534,9 @@ _NOT_A_STATE = (
 )
 
 _STATE_NAMES = (
-    "nestgrad.train: state holds step counts for {have}, but the trainable params are {want}. Pass the "
-    "state returned for these same params (frozen ones, with requires_grad=False, have no state)."
+    "nestgrad.train: state holds step counts for {have}, but params has the floating-point tensors {want}. "
+    "Pass the state returned for these same params: the state names the params it trains (the others "
+    "stay frozen)."
 )
 
 _PATH_DROPPED = (
@@ -545,13 +548,22 @@ _PATH_DROPPED = (
 )
 
 
+def _stated(params: Mapping[str, Tensor], state: OptState) -> dict[str, Tensor]:
+    """The params a given ``state`` trains: those it has step counts for, whether or not they require grad.
+
+    So the weights a run under ``torch.no_grad()`` returned (which do not require grad) continue
+    training with the state it returned.
+    """
+    if not isinstance(state, OptState):
+        raise TypeError(_NOT_A_STATE.format(got=_describe(state)))
+    floats = {k for k, v in params.items() if v.is_floating_point()}
+    if not set(state.step) <= floats:
+        raise ValueError(_STATE_NAMES.format(have=sorted(state.step), want=sorted(floats)))
+    return {k: params[k] if params[k].requires_grad else params[k].detach().requires_grad_() for k in state.step}
+
+
 def _check_start(method: Method, trainable: dict[str, Tensor], state: OptState | None) -> None:
-    """Raise if ``state`` does not fit the params, or if ``method`` would drop a path into the start."""
-    if state is not None:
-        if not isinstance(state, OptState):
-            raise TypeError(_NOT_A_STATE.format(got=_describe(state)))
-        if set(state.step) != set(trainable):
-            raise ValueError(_STATE_NAMES.format(have=sorted(state.step), want=sorted(trainable)))
+    """Raise if ``method`` would drop a path into the start (initial weights or state that carry a graph)."""
     if not torch.is_grad_enabled() or getattr(method, "differentiates_params", True):
         return
     connected = [f"params[{k!r}]" for k, v in trainable.items() if v.grad_fn is not None]
