@@ -437,7 +437,10 @@ class Optimizer(abc.ABC):
         names = self._slots_of.get(key) if key is not None else None
         if names is None:
             with torch.no_grad():
-                names = tuple(self._init(torch.empty(0, dtype=p.dtype, device=p.device), hp))
+                try:  # an empty stand-in, unless a per-element value (Adagrad's initial sum) needs the shape
+                    names = tuple(self._init(torch.empty(0, dtype=p.dtype, device=p.device), hp))
+                except RuntimeError:
+                    names = tuple(self._init(p.detach(), hp))
             if key is not None:
                 self._slots_of[key] = names
         return names
