@@ -54,6 +54,65 @@ class OptState(NamedTuple):
         slots = {slot: {n: next(supply) for n in values} for slot, values in self.slots.items()}
         return OptState(dict(self.step), slots)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The step counts and slots as plain dicts of ints and (detached) Tensors.
+
+        ``torch.save`` writes it and ``torch.load(path, weights_only=True)`` reads it back.
+
+        Example:
+            >>> torch.save(state.state_dict(), "opt_state.pt")
+            >>> state = opt.init(params).load_state_dict(torch.load("opt_state.pt", weights_only=True))
+        """
+        return {
+            "step": dict(self.step),
+            "slots": {slot: {n: t.detach() for n, t in values.items()} for slot, values in self.slots.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> OptState:
+        """A new state holding ``state_dict``'s step counts and slots (an OptState is immutable).
+
+        ``self`` is the template, usually ``opt.init(params)``: the loaded state must have its
+        parameter names and slots, with the same shapes and dtypes, or this raises. Slots are
+        moved to the template's devices.
+        """
+        where = "OptState.load_state_dict"
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {"step", "slots"}:
+            raise TypeError(
+                f"{where}: expected the dict that OptState.state_dict() returns, with keys 'step' and 'slots'; "
+                f"got {_describe(state_dict) if not isinstance(state_dict, Mapping) else sorted(state_dict)}."
+            )
+        step, slots = state_dict["step"], state_dict["slots"]
+        if not isinstance(step, Mapping) or set(step) != set(self.step):
+            names = sorted(step) if isinstance(step, Mapping) else step
+            raise ValueError(
+                f"{where}: the saved state is for parameters {names}, but this state is for {sorted(self.step)}. "
+                f"Load it into the state of the same params: opt.init(params).load_state_dict(saved)."
+            )
+        bad = [n for n, t in step.items() if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        if bad:
+            raise ValueError(f"{where}: step counts must be ints >= 0; got {step[bad[0]]!r} for {bad[0]!r}.")
+        if not isinstance(slots, Mapping) or set(slots) != set(self.slots):
+            raise ValueError(
+                f"{where}: the saved state has slots {sorted(slots) if isinstance(slots, Mapping) else slots}, "
+                f"but this optimizer keeps {sorted(self.slots)}: it was saved from another optimizer, or with "
+                f"other flags (momentum, amsgrad). Construct the optimizer that saved it."
+            )
+        out: dict[str, dict[str, Tensor]] = {}
+        for slot, values in self.slots.items():
+            saved = slots[slot]
+            if not isinstance(saved, Mapping) or set(saved) != set(values):
+                raise ValueError(f"{where}: slot {slot!r} must have an entry for each of {sorted(values)}.")
+            out[slot] = {}
+            for n, t in values.items():
+                x = saved[n]
+                if not isinstance(x, Tensor) or x.shape != t.shape or x.dtype != t.dtype:
+                    raise ValueError(
+                        f"{where}: slot {slot!r} of parameter {n!r} is {_describe(x)} in the saved state, but "
+                        f"{_describe(t)} here: the parameter changed shape or dtype since it was saved."
+                    )
+                out[slot][n] = x.to(t.device)
+        return OptState({n: int(step[n]) for n in self.step}, out)
+
 
 _FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
 _PAIRS = ("betas", "etas", "step_sizes")
@@ -641,6 +700,138 @@ class Optimizer(abc.ABC):
     ) -> tuple[list[Tensor], Slots]:
         """Update parameters that share a group and a step count (``step`` counts from 1)."""
 
+    # ---------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's class name, hyperparameters and groups, as tensors, numbers and strings.
+
+        ``torch.save`` writes it and ``torch.load(path, weights_only=True)`` reads it back. Tensor
+        hyperparameters (per-element ones, dict values and schedule values included) are saved
+        detached. A :class:`Schedule` of a function cannot be saved (it raises).
+
+        Example:
+            >>> torch.save({"opt": opt.state_dict(), "state": state.state_dict()}, "ckpt.pt")
+            >>> ckpt = torch.load("ckpt.pt", weights_only=True)
+            >>> opt.load_state_dict(ckpt["opt"]); state = opt.init(params).load_state_dict(ckpt["state"])
+        """
+        cls = type(self).__name__
+
+        def save(v: Any, label: str) -> Any:
+            if isinstance(v, tuple):
+                return tuple(save(x, f"{label}[{i}]") for i, x in enumerate(v))
+            if isinstance(v, Tensor):
+                return v.detach()
+            if isinstance(v, Schedule):
+                if v.values is None:
+                    raise TypeError(
+                        f"{cls}.state_dict: {label} is a Schedule of a function, which cannot be saved as "
+                        f"tensors and numbers. Give it its values instead: "
+                        f"Schedule(torch.tensor([fn(t) for t in range(1, steps + 1)]))."
+                    )
+                return {"schedule": v.values.detach()}
+            if isinstance(v, Mapping):
+                return {"per_parameter": {n: save(x, f"{label}[{n!r}]") for n, x in v.items()}}
+            return v
+
+        return {
+            "optimizer": cls,
+            "defaults": {k: save(v, k) for k, v in self.defaults.items()},
+            "groups": [
+                {k: list(v) if k == "params" else save(v, f"groups[{i}].{k}") for k, v in g.items()}
+                for i, g in enumerate(self.groups)
+            ],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load hyperparameters saved by :meth:`state_dict` into this optimizer, in place.
+
+        As ``torch.nn.Module.load_state_dict`` does for parameters, Tensor hyperparameters are
+        copied into this optimizer's own Tensors (so an outer optimizer that holds them keeps
+        working); floats and flags are replaced. The saved optimizer must be of this class, with
+        the same groups and the same kind and shape of every value; otherwise this raises.
+        """
+        cls = type(self).__name__
+        where = f"{cls}.load_state_dict"
+        if not isinstance(state_dict, Mapping) or "optimizer" not in state_dict:
+            raise TypeError(
+                f"{where}: expected the dict that an optimizer's state_dict() returns; got "
+                f"{_describe(state_dict) if not isinstance(state_dict, Mapping) else sorted(state_dict)}. "
+                f"(The state of a run is loaded with state = opt.init(params).load_state_dict(saved).)"
+            )
+        if state_dict["optimizer"] != cls:
+            raise ValueError(
+                f"{where}: the state_dict was saved from nestgrad.optim.{state_dict['optimizer']}, not {cls}. "
+                f"Construct nestgrad.optim.{state_dict['optimizer']}(...) and load it into that."
+            )
+        groups = state_dict.get("groups", [])
+        if len(groups) != len(self.groups) or any(
+            list(g.get("params", ())) != list(h["params"]) for g, h in zip(groups, self.groups, strict=False)
+        ):
+            raise ValueError(
+                f"{where}: the saved optimizer has groups for {[g.get('params') for g in groups]}, but this one "
+                f"for {[g['params'] for g in self.groups]}. Construct it with the same groups as the one saved."
+            )
+        pending: list[tuple[Tensor, Tensor]] = []
+
+        def load(cur: Any, saved: Any, label: str) -> Any:
+            def mismatch() -> ValueError:
+                return ValueError(
+                    f"{where}: {label} is {_kind(cur)} here but {_kind(saved)} in the state_dict. Construct the "
+                    f"optimizer with the same kind of value (float, Tensor of the same shape, dict of the same "
+                    f"names, Schedule of the same length) as the one saved."
+                )
+
+            if isinstance(cur, tuple):
+                if not isinstance(saved, (tuple, list)) or len(saved) != len(cur):
+                    raise mismatch()
+                return tuple(load(c, x, f"{label}[{i}]") for i, (c, x) in enumerate(zip(cur, saved, strict=True)))
+            if isinstance(cur, Mapping):
+                per = saved.get("per_parameter") if isinstance(saved, Mapping) else None
+                if not isinstance(per, Mapping) or list(per) != list(cur):
+                    raise mismatch()
+                return {n: load(c, per[n], f"{label}[{n!r}]") for n, c in cur.items()}
+            if isinstance(cur, Schedule):
+                values = saved.get("schedule") if isinstance(saved, Mapping) else None
+                if cur.values is None or not isinstance(values, Tensor):
+                    raise mismatch()
+                load(cur.values, values, f"{label} (schedule)")
+                return cur
+            if isinstance(cur, Tensor):
+                if not isinstance(saved, Tensor) or saved.shape != cur.shape:
+                    raise mismatch()
+                if cur.requires_grad and not cur.is_leaf:
+                    raise ValueError(
+                        f"{where}: {label} is computed from other tensors (e.g. log_lr.exp()), so a value cannot "
+                        f"be loaded into it. Construct the optimizer with leaf tensors, or save and load the "
+                        f"tensors it is computed from yourself."
+                    )
+                pending.append((cur, saved))
+                return cur
+            if isinstance(saved, (Tensor, Mapping, tuple, list)) or isinstance(cur, bool) != isinstance(saved, bool):
+                raise mismatch()
+            return saved
+
+        saved_defaults = state_dict.get("defaults", {})
+        if set(saved_defaults) != set(self.defaults):
+            raise ValueError(
+                f"{where}: the saved hyperparameters are {sorted(saved_defaults)}, not {sorted(self.defaults)}."
+            )
+        defaults = {k: load(v, saved_defaults[k], k) for k, v in self.defaults.items()}
+        new_groups = []
+        for i, (g, saved) in enumerate(zip(self.groups, groups, strict=True)):
+            if set(saved) != set(g):
+                raise ValueError(f"{where}: groups[{i}] sets {sorted(saved)} in the state_dict but {sorted(g)} here.")
+            new_groups.append({k: v if k == "params" else load(v, saved[k], f"groups[{i}].{k}") for k, v in g.items()})
+        self._check(defaults, "")
+        for i, g in enumerate(new_groups):
+            self._check({k: v for k, v in g.items() if k != "params"}, f"groups[{i}].")
+        with torch.no_grad():
+            for cur, saved in pending:
+                cur.copy_(saved)
+        self.defaults, self.groups = defaults, new_groups
+        self._slots_of.clear()
+        self._kind_of.clear()
+        self._check_tensor_values(".load_state_dict")
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         groups = f", groups={self.groups!r}" if self.groups else ""
@@ -779,3 +970,18 @@ _BAD_SHAPE = (
     "the shape {pshape} (or one that broadcasts to it, such as (1, ...) dims), or apply it only to "
     "parameters of that shape with groups=[{{'params': [...], ...}}] or a dict of name -> value."
 )
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"a Tensor of shape {tuple(v.shape)}"
+    if isinstance(v, Schedule):
+        return "a Schedule of a function" if v.values is None else f"a Schedule of {len(v)} values"
+    if isinstance(v, Mapping):
+        if "schedule" in v and len(v) == 1:
+            return "a Schedule"
+        per = v.get("per_parameter", v)
+        return f"a dict for {list(per)}" if isinstance(per, Mapping) else "a dict"
+    if isinstance(v, (tuple, list)):
+        return f"a pair of {len(v)} values" if len(v) == 2 else f"a sequence of {len(v)} values"
+    return _describe(v)
