@@ -217,6 +217,17 @@ class Optimizer(abc.ABC):
     differentiable function of the old parameters, the gradients, the state,
     and every hyperparameter given as a Tensor that requires grad.
 
+    Any float hyperparameter may also be given as
+      * a Tensor: one value (0-dim or 1-element), or one per element of each parameter it
+        applies to (broadcastable to the parameter's shape, e.g. Meta-SGD's per-weight lr);
+      * a dict of parameter name -> value (float or Tensor), which must name every parameter
+        it applies to, and no other (``init`` raises otherwise: a misspelt name never falls
+        back silently to a default);
+      * a :class:`~nestgrad.optim.Schedule`: one value per step, or a function of the step.
+    Shapes and names are checked once, in ``init``; values (elementwise) at construction and
+    in ``init``, never per step. :meth:`tensors` lists every Tensor among them, so every
+    hypergradient method differentiates with respect to each.
+
     Args common to all optimizers:
         groups: per-parameter hyperparameters, like ``torch.optim``'s param
             groups. A sequence of dicts, each with ``"params"`` (a list of
