@@ -129,6 +129,51 @@ class ZerothOrder(AdjointMethod):
             generator.manual_seed(seed)
         object.__setattr__(self, "_generator", generator)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The settings and the direction generator's state, as tensors, numbers and strings.
+
+        ``torch.save`` writes it and ``torch.load(path, weights_only=True)`` reads it back. A method
+        created with the same settings that loads it draws the same directions as this one would
+        next, so a resumed outer loop gives the same estimates.
+
+        Example:
+            >>> torch.save(method.state_dict(), "zo.pt")
+            >>> method = ng.ZerothOrder(samples=8, sigma=0.1, seed=0)
+            >>> method.load_state_dict(torch.load("zo.pt", weights_only=True))
+        """
+        return {
+            "method": "ZerothOrder",
+            "samples": self.samples,
+            "sigma": self.sigma,
+            "antithetic": self.antithetic,
+            "seed": self.seed,
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the direction generator saved by :meth:`state_dict` (the settings must match)."""
+        if not isinstance(state_dict, dict) or state_dict.get("method") != "ZerothOrder":
+            got = state_dict.get("method", sorted(state_dict)) if isinstance(state_dict, dict) else state_dict
+            raise ValueError(
+                f"nestgrad.ZerothOrder.load_state_dict: expected the dict that ZerothOrder.state_dict() returns; "
+                f"got {got!r}."
+            )
+        for k in ("samples", "sigma", "antithetic"):
+            if state_dict.get(k) != getattr(self, k):
+                raise ValueError(
+                    f"nestgrad.ZerothOrder.load_state_dict: the state was saved with {k}={state_dict.get(k)!r}, "
+                    f"but this method has {k}={getattr(self, k)!r}. Create ZerothOrder with the saved settings "
+                    f"(samples={state_dict.get('samples')!r}, sigma={state_dict.get('sigma')!r}, "
+                    f"antithetic={state_dict.get('antithetic')!r}) to continue its sequence of directions."
+                )
+        generator = state_dict.get("generator")
+        if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
+            raise TypeError(
+                f"nestgrad.ZerothOrder.load_state_dict: 'generator' must be the uint8 Tensor of "
+                f"torch.Generator.get_state(); got {type(generator).__name__}."
+            )
+        self._generator.set_state(generator)
+
     def batches(self, data: Any, steps: int) -> Batches:
         return Batches(data, steps, keep=True)
 

@@ -235,10 +235,13 @@ class NAdam(Optimizer):
         super().__init__(defaults, groups, foreach, unknown)
 
     def _init(self, p: Tensor, hp: dict[str, Any]) -> dict[str, Tensor]:
+        # One running product per parameter, or per element where beta1 or momentum_decay is.
+        sources = (hp["betas"][0], hp["momentum_decay"])
+        shape = torch.broadcast_shapes(*(x.shape for x in sources if isinstance(x, Tensor)))
         return {
             "exp_avg": torch.zeros_like(p),
             "exp_avg_sq": torch.zeros_like(p),
-            "mu_product": torch.ones((), dtype=p.dtype, device=p.device),
+            "mu_product": torch.ones(shape, dtype=p.dtype, device=p.device),
         }
 
     def _step(
@@ -313,12 +316,30 @@ class RAdam(Optimizer):
         update = ops.mul(ops.div(m, 1 - beta1**step), hp["lr"])
         rho_inf = 2 / (1 - beta2) - 1
         rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+        if isinstance(rho_t, Tensor) and rho_t.numel() > 1:  # per-element beta2: the branch per element
+            return ops.sub(ps, _rectify_per_element(ops, update, v, rho_t, rho_inf, bias_correction2, hp)), {
+                "exp_avg": m,
+                "exp_avg_sq": v,
+            }
         if bool(rho_t > 5.0):  # a branch on a value; no gradient flows through the test
             adaptive = ops.add_scalar(_root(ops, v, hp["eps_root"]), hp["eps"])
             update = ops.div(ops.mul(update, bias_correction2**0.5), adaptive)
             rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
             update = ops.mul(update, rect)
         return ops.sub(ps, update), {"exp_avg": m, "exp_avg_sq": v}
+
+
+def _rectify_per_element(
+    ops: Ops, update: list[Tensor], v: list[Tensor], rho_t: Tensor, rho_inf: Tensor, bc2: Tensor, hp: dict[str, Any]
+) -> list[Tensor]:
+    """RAdam's rectification where rho_t > 5, element by element. The branch not taken is computed
+    at rho = 6 so that neither it nor its (discarded) gradient is NaN."""
+    on = rho_t > 5.0
+    rho_t, rho_inf = torch.where(on, rho_t, 6.0), torch.where(on, rho_inf, 6.0)
+    adaptive = ops.add_scalar(_root(ops, v, hp["eps_root"]), hp["eps"])
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    rectified = ops.mul(ops.div(ops.mul(update, bc2**0.5), adaptive), rect)
+    return [torch.where(on, r, u) for r, u in zip(rectified, update, strict=True)]
 
 
 for _cls in (Adam, NAdam, RAdam):

@@ -114,6 +114,8 @@ class Adagrad(Optimizer):
     Matches ``torch.optim.Adagrad`` step for step (dense gradients).
     """
 
+    _init_only: ClassVar[tuple[str, ...]] = ("initial_accumulator_value",)
+
     def __init__(
         self,
         lr: Hparam = 1e-2,
@@ -217,7 +219,10 @@ class Rprop(Optimizer):
 
     Matches ``torch.optim.Rprop``. Gradients reach ``lr``, ``etas`` and
     ``step_sizes`` through the step sizes; the sign of the gradient has none.
+    ``lr`` only sets the initial step sizes (in ``init``), so it cannot be a Schedule.
     """
+
+    _init_only: ClassVar[tuple[str, ...]] = ("lr",)
 
     def __init__(
         self,

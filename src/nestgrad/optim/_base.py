@@ -22,8 +22,11 @@ import torch
 from torch import Tensor
 
 from ._ops import Foreach, Ops, PerTensor
+from ._schedule import Schedule
 
 Hparam = float | Tensor
+"""A hyperparameter: a float; a Tensor with one value, or one per element of each parameter it
+applies to (broadcastable to its shape); a dict of parameter name -> value; or a :class:`Schedule`."""
 Params = dict[str, Tensor]
 Slots = dict[str, list[Tensor]]
 
@@ -51,6 +54,65 @@ class OptState(NamedTuple):
         slots = {slot: {n: next(supply) for n in values} for slot, values in self.slots.items()}
         return OptState(dict(self.step), slots)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The step counts and slots as plain dicts of ints and (detached) Tensors.
+
+        ``torch.save`` writes it and ``torch.load(path, weights_only=True)`` reads it back.
+
+        Example:
+            >>> torch.save(state.state_dict(), "opt_state.pt")
+            >>> state = opt.init(params).load_state_dict(torch.load("opt_state.pt", weights_only=True))
+        """
+        return {
+            "step": dict(self.step),
+            "slots": {slot: {n: t.detach() for n, t in values.items()} for slot, values in self.slots.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> OptState:
+        """A new state holding ``state_dict``'s step counts and slots (an OptState is immutable).
+
+        ``self`` is the template, usually ``opt.init(params)``: the loaded state must have its
+        parameter names and slots, with the same shapes and dtypes, or this raises. Slots are
+        moved to the template's devices.
+        """
+        where = "OptState.load_state_dict"
+        if not isinstance(state_dict, Mapping) or set(state_dict) != {"step", "slots"}:
+            raise TypeError(
+                f"{where}: expected the dict that OptState.state_dict() returns, with keys 'step' and 'slots'; "
+                f"got {_describe(state_dict) if not isinstance(state_dict, Mapping) else sorted(state_dict)}."
+            )
+        step, slots = state_dict["step"], state_dict["slots"]
+        if not isinstance(step, Mapping) or set(step) != set(self.step):
+            names = sorted(step) if isinstance(step, Mapping) else step
+            raise ValueError(
+                f"{where}: the saved state is for parameters {names}, but this state is for {sorted(self.step)}. "
+                f"Load it into the state of the same params: opt.init(params).load_state_dict(saved)."
+            )
+        bad = [n for n, t in step.items() if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        if bad:
+            raise ValueError(f"{where}: step counts must be ints >= 0; got {step[bad[0]]!r} for {bad[0]!r}.")
+        if not isinstance(slots, Mapping) or set(slots) != set(self.slots):
+            raise ValueError(
+                f"{where}: the saved state has slots {sorted(slots) if isinstance(slots, Mapping) else slots}, "
+                f"but this optimizer keeps {sorted(self.slots)}: it was saved from another optimizer, or with "
+                f"other flags (momentum, amsgrad). Construct the optimizer that saved it."
+            )
+        out: dict[str, dict[str, Tensor]] = {}
+        for slot, values in self.slots.items():
+            saved = slots[slot]
+            if not isinstance(saved, Mapping) or set(saved) != set(values):
+                raise ValueError(f"{where}: slot {slot!r} must have an entry for each of {sorted(values)}.")
+            out[slot] = {}
+            for n, t in values.items():
+                x = saved[n]
+                if not isinstance(x, Tensor) or x.shape != t.shape or x.dtype != t.dtype:
+                    raise ValueError(
+                        f"{where}: slot {slot!r} of parameter {n!r} is {_describe(x)} in the saved state, but "
+                        f"{_describe(t)} here: the parameter changed shape or dtype since it was saved."
+                    )
+                out[slot][n] = x.to(t.device)
+        return OptState({n: int(step[n]) for n in self.step}, out)
+
 
 _FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
 _PAIRS = ("betas", "etas", "step_sizes")
@@ -77,8 +139,8 @@ class _Range(NamedTuple):
         )
 
     def holds_tensor(self, x: Tensor) -> Tensor:
-        """A 0-dim bool Tensor, computed on ``x``'s device without a host sync."""
-        x = x.detach().reshape(())
+        """Elementwise: a bool Tensor of ``x``'s shape, computed on ``x``'s device without a host sync."""
+        x = x.detach()
         lo = x > self.lo if self.lo_open else x >= self.lo
         hi = x < self.hi if self.hi_open else x <= self.hi
         return torch.isfinite(x) & lo & hi
@@ -125,6 +187,13 @@ _ALIASES = {
 }  # fmt: skip
 
 
+def _own(v: Any) -> Any:
+    """A dict of per-parameter values copied (so that later changes to the caller's dict do not leak in)."""
+    if isinstance(v, tuple):
+        return tuple(_own(x) for x in v)
+    return dict(v) if isinstance(v, Mapping) else v
+
+
 def _pair(v: Any) -> Any:
     """A list or tuple as a tuple; anything else as given, for ``_check`` to reject."""
     return tuple(v) if isinstance(v, (list, tuple)) else v
@@ -147,6 +216,17 @@ class Optimizer(abc.ABC):
     ``update`` never modifies its inputs, so the new parameters are a
     differentiable function of the old parameters, the gradients, the state,
     and every hyperparameter given as a Tensor that requires grad.
+
+    Any float hyperparameter may also be given as
+      * a Tensor: one value (0-dim or 1-element), or one per element of each parameter it
+        applies to (broadcastable to the parameter's shape, e.g. Meta-SGD's per-weight lr);
+      * a dict of parameter name -> value (float or Tensor), which must name every parameter
+        it applies to, and no other (``init`` raises otherwise: a misspelt name never falls
+        back silently to a default);
+      * a :class:`~nestgrad.optim.Schedule`: one value per step, or a function of the step.
+    Shapes and names are checked once, in ``init``; values (elementwise) at construction and
+    in ``init``, never per step. :meth:`tensors` lists every Tensor among them, so every
+    hypergradient method differentiates with respect to each.
 
     Args common to all optimizers:
         groups: per-parameter hyperparameters, like ``torch.optim``'s param
@@ -171,6 +251,7 @@ class Optimizer(abc.ABC):
         unknown: Mapping[str, Any],
     ) -> None:
         self._reject_unknown(unknown, defaults)
+        defaults = {k: _own(v) for k, v in defaults.items()}
         self._check(defaults, "")
         self.defaults: dict[str, Any] = defaults
         self.groups: list[dict[str, Any]] = []
@@ -183,7 +264,9 @@ class Optimizer(abc.ABC):
                 )
         for i, group in enumerate(groups or ()):
             overrides = {
-                k: tuple(v) if k in _PAIRS and isinstance(v, list) else v for k, v in group.items() if k != "params"
+                k: _own(tuple(v) if k in _PAIRS and isinstance(v, list) else v)
+                for k, v in group.items()
+                if k != "params"
             }
             self._reject_unknown(overrides, defaults, where=f"groups[{i}]")
             self._check(overrides, f"groups[{i}].")
@@ -193,8 +276,8 @@ class Optimizer(abc.ABC):
         self._check_tensor_values("")
         self.foreach = foreach
         self._group_of: dict[str, int] = {}
-        self._slots_of: dict[int, tuple[str, ...]] = {}
-        self._tensors_in: dict[int, bool] = {}
+        self._slots_of: dict[tuple[int, str | None], tuple[str, ...]] = {}
+        self._kind_of: dict[int, tuple[bool, bool, bool]] = {}
 
     # ----------------------------------------------------------------- checks
     def _reject_unknown(self, unknown: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "") -> None:
@@ -215,6 +298,11 @@ class Optimizer(abc.ABC):
     def _range(self, k: str) -> _Range | tuple[_Range, _Range]:
         return self._ranges.get(k) or _RANGES.get(k) or _Range(-math.inf)
 
+    # Hyperparameters that must hold one value (ASGD's t0: a step count) and those read only by
+    # ``init`` (Rprop's initial step size), where a Schedule would have no effect.
+    _scalar_only: ClassVar[tuple[str, ...]] = ()
+    _init_only: ClassVar[tuple[str, ...]] = ()
+
     def _check(self, hp: Mapping[str, Any], prefix: str) -> None:
         """Check types, and the values of floats; :meth:`_check_tensor_values` does Tensors."""
         cls = type(self).__name__
@@ -231,22 +319,56 @@ class Optimizer(abc.ABC):
             ranges = self._range(k)
             for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
                 label = f"{prefix}{k}[{i}]" if isinstance(v, tuple) else f"{prefix}{k}"
-                if isinstance(x, Tensor):
-                    if x.numel() != 1 or not x.is_floating_point():
-                        raise ValueError(
-                            f"{cls}: {label} must be a float or a 1-element floating-point "
-                            f"Tensor; got {_describe(x)}. For one value per parameter group, "
-                            f"use groups=[{{'params': [...], {k!r}: value}}, ...]."
-                        )
-                    continue
-                if isinstance(x, bool) or not isinstance(x, (int, float)):
-                    raise TypeError(f"{cls}: {label} must be a float or a 1-element Tensor; got {_describe(x)}.")
-                valid = ranges if isinstance(ranges, _Range) else ranges[i]
-                if not valid.holds(x):
-                    raise ValueError(self._out_of_range(label, k, repr(x), valid, ""))
+                self._check_atom(x, k, label, ranges if isinstance(ranges, _Range) else ranges[i], top=True)
+
+    def _check_atom(self, x: Any, k: str, label: str, valid: _Range, top: bool) -> None:
+        cls = type(self).__name__
+        if isinstance(x, Mapping) and top:
+            if not x:
+                raise ValueError(f"{cls}: {label} is an empty dict; give a value per parameter name, or a float.")
+            for name, y in x.items():
+                if not isinstance(name, str):
+                    raise TypeError(
+                        f"{cls}: {label} is a dict of parameter name -> value, but has the key {name!r}; "
+                        f"use the names of the params dict, e.g. {{'fc.weight': 0.1, 'fc.bias': 0.01}}."
+                    )
+                self._check_atom(y, k, f"{label}[{name!r}]", valid, top=False)
+            return
+        if isinstance(x, Schedule):
+            if k in self._init_only:
+                raise TypeError(
+                    f"{cls}: {label} is a Schedule, but {cls} reads {k} only once, in init() "
+                    f"(it sets the initial state), so a schedule would have no effect after step 1. "
+                    f"Pass a float or a Tensor."
+                )
+            if x.values is not None and k in self._scalar_only and x.values.dim() != 1:
+                raise ValueError(
+                    f"{cls}: {label} must hold one value per step (shape (steps,)); got a Schedule of "
+                    f"shape {tuple(x.values.shape)}."
+                )
+            return
+        if isinstance(x, Tensor):
+            if not x.is_floating_point() or x.numel() == 0:
+                raise ValueError(f"{cls}: {label} must be a float or a floating-point Tensor; got {_describe(x)}.")
+            if x.numel() != 1 and k in self._scalar_only:
+                raise ValueError(
+                    f"{cls}: {label} must be a float or a 1-element Tensor (it is a step count, not a "
+                    f"per-element value); got {_describe(x)}."
+                )
+            return
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            kinds = (
+                "a float, a Tensor (one value, or one per element of each parameter it applies to), "
+                "a dict of parameter name -> value, or a nestgrad.optim.Schedule"
+                if top
+                else "a float, a Tensor or a nestgrad.optim.Schedule"
+            )
+            raise TypeError(f"{cls}: {label} must be {kinds}; got {_describe(x)}.")
+        if not valid.holds(x):
+            raise ValueError(self._out_of_range(label, k, repr(x), valid, ""))
 
     def _check_tensor_values(self, where: str) -> None:
-        """Check the values of every Tensor hyperparameter, with one host sync per device.
+        """Check the values of every Tensor hyperparameter, elementwise, with one host sync per device.
 
         Runs at construction and in :meth:`init` (once per training run: a meta-learned
         value may have left its range since), never in :meth:`update`.
@@ -258,21 +380,23 @@ class Optimizer(abc.ABC):
                     continue
                 ranges = self._range(k)
                 for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
-                    # Inside torch.func transforms (vmap, grad) a value cannot be read.
-                    if isinstance(x, Tensor) and not _is_functorch_wrapped(x):
-                        label = f"{prefix}{k}[{i}]" if isinstance(v, tuple) else f"{prefix}{k}"
-                        items.append((label, k, x, ranges if isinstance(ranges, _Range) else ranges[i]))
+                    label = f"{prefix}{k}[{i}]" if isinstance(v, tuple) else f"{prefix}{k}"
+                    valid = ranges if isinstance(ranges, _Range) else ranges[i]
+                    for sub, t in _named_tensors(x, label):
+                        # Inside torch.func transforms (vmap, grad) a value cannot be read.
+                        if not _is_functorch_wrapped(t):
+                            items.append((sub, k, t, valid))
         by_device: dict[torch.device, list[tuple[str, str, Tensor, _Range]]] = {}
         for item in items:
             by_device.setdefault(item[2].device, []).append(item)
         with torch.no_grad():
             for group in by_device.values():
-                ok = torch.stack([valid.holds_tensor(x) for _, _, x, valid in group])
+                ok = torch.stack([valid.holds_tensor(x).all() for _, _, x, valid in group])
                 if bool(ok.all()):  # the one sync for this device
                     continue
                 for (label, k, x, valid), good in zip(group, ok.tolist(), strict=True):
                     if not good:
-                        raise ValueError(self._out_of_range(label, k, f"a Tensor holding {_value_of(x)}", valid, where))
+                        raise ValueError(self._out_of_range(label, k, _tensor_value(x, valid), valid, where))
 
     def _default(self, k: str) -> Any:
         parameter = inspect.signature(type(self).__init__).parameters.get(k)
@@ -302,12 +426,27 @@ class Optimizer(abc.ABC):
         return {**self.defaults, **overrides}
 
     def tensors(self) -> list[Tensor]:
-        """Every hyperparameter given as a Tensor, across all groups, in a fixed order."""
-        out: list[Tensor] = []
-        for hp in [self.defaults, *self.groups]:
+        """Every hyperparameter given as a Tensor, across all groups, in a fixed order.
+
+        This includes the values of a dict of per-parameter values and of a
+        :class:`Schedule`; :meth:`tensor_names` names them in the same order.
+        """
+        return [t for _, t in self._named_tensors()]
+
+    def tensor_names(self) -> list[str]:
+        """Names of :meth:`tensors`, in the same order: ``lr``, ``betas[0]``, ``groups[1].lr``,
+        ``lr['fc.weight']``, ``lr (schedule)``."""
+        return [n for n, _ in self._named_tensors()]
+
+    def _named_tensors(self) -> list[tuple[str, Tensor]]:
+        out: list[tuple[str, Tensor]] = []
+        for prefix, hp in [("", self.defaults), *((f"groups[{i}].", g) for i, g in enumerate(self.groups))]:
             for k, v in hp.items():
-                if k != "params":
-                    out.extend(x for x in (v if isinstance(v, tuple) else (v,)) if isinstance(x, Tensor))
+                if k == "params":
+                    continue
+                for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
+                    label = f"{prefix}{k}[{i}]" if isinstance(v, tuple) else f"{prefix}{k}"
+                    out.extend(_named_tensors(x, label))
         return out
 
     def with_tensors(self, tensors: Sequence[Tensor]) -> Optimizer:
@@ -321,7 +460,13 @@ class Optimizer(abc.ABC):
         def swap(v: Any) -> Any:
             if isinstance(v, tuple):
                 return tuple(swap(x) for x in v)
-            return next(supply) if isinstance(v, Tensor) else v
+            if isinstance(v, Tensor):
+                return next(supply)
+            if isinstance(v, Schedule):
+                return v if v.values is None else v._with_values(next(supply))
+            if isinstance(v, Mapping):
+                return {n: swap(x) for n, x in v.items()}
+            return v
 
         new = copy.copy(self)
         new.defaults = {k: swap(v) for k, v in self.defaults.items()}
@@ -346,27 +491,84 @@ class Optimizer(abc.ABC):
             self._group_of[name] = index
         return index
 
-    def _step_hparams(self, name: str, dtype: torch.dtype) -> dict[str, Any]:
-        """``hparams(name)`` with each Tensor viewed as 0-dim and cast to ``dtype``.
+    def _step_hparams(self, name: str, dtype: torch.dtype, step: int = 1) -> dict[str, Any]:
+        """``hparams(name)`` at ``step``, with each 1-element Tensor viewed as 0-dim and cast to ``dtype``.
 
         A (1,)-shaped Tensor would broadcast a 0-dim weight to shape (1,), and a float64
         one would promote a 0-dim float32 weight to float64. Both conversions are
         differentiable, so gradients still reach the user's Tensor in its own shape.
+        Per-parameter dicts give the value of ``name``, schedules that of ``step``.
         """
-        return {k: _fit(v, dtype) for k, v in self.hparams(name).items()}
+        where = f"{type(self).__name__}.init"
+        return {k: _fit(_resolve(v, name, step, where, k), dtype) for k, v in self.hparams(name).items()}
 
-    def _expected_slots(self, group: int, p: Tensor, hp: dict[str, Any]) -> tuple[str, ...]:
-        """The slot names ``init`` gives a parameter of this group (cached per group)."""
-        names = self._slots_of.get(group)
+    def _expected_slots(self, key: tuple[int, str | None] | None, p: Tensor, hp: dict[str, Any]) -> tuple[str, ...]:
+        """The slot names ``init`` gives a parameter with hyperparameters ``hp`` (cached by ``key``)."""
+        names = self._slots_of.get(key) if key is not None else None
         if names is None:
             with torch.no_grad():
-                names = tuple(self._init(torch.empty(0, dtype=p.dtype, device=p.device), hp))
-            self._slots_of[group] = names
+                try:  # an empty stand-in, unless a per-element value (Adagrad's initial sum) needs the shape
+                    names = tuple(self._init(torch.empty(0, dtype=p.dtype, device=p.device), hp))
+                except RuntimeError:
+                    names = tuple(self._init(p.detach(), hp))
+            if key is not None:
+                self._slots_of[key] = names
         return names
+
+    def _check_shapes(self, params: Mapping[str, Tensor]) -> None:
+        """Per-parameter dicts name every parameter they apply to (and no other); per-element
+        values broadcast to their parameters. Runs once, in :meth:`init`."""
+        cls = type(self).__name__
+        served: dict[int, tuple[str, Mapping[str, Any], set[str]]] = {}
+        for name, p in params.items():
+            index = self._group_index(name)
+            for k, v in self.hparams(name).items():
+                if k == "params" or k in _FLAGS:
+                    continue
+                base = f"groups[{index}].{k}" if index >= 0 and k in self.groups[index] else k
+                for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
+                    label = f"{base}[{i}]" if isinstance(v, tuple) else base
+                    if isinstance(x, Mapping):
+                        served.setdefault(id(x), (label, x, set()))[2].add(name)
+                        if name not in x:
+                            raise ValueError(_MISSING_NAME.format(cls=cls, label=label, k=k, name=name, known=list(x)))
+                        x, label = x[name], f"{label}[{name!r}]"
+                    shape = None
+                    if isinstance(x, Schedule) and x.values is not None:
+                        shape = x.values.shape[1:]
+                        what = f"a Schedule of shape {tuple(x.values.shape)}, whose per-step values have shape"
+                    elif isinstance(x, Tensor) and x.numel() != 1:
+                        shape, what = x.shape, "shape"
+                    if shape is not None and not _broadcasts(shape, p.shape):
+                        raise ValueError(
+                            _BAD_SHAPE.format(
+                                cls=cls, label=label, what=what, shape=tuple(shape), name=name, pshape=tuple(p.shape)
+                            )
+                        )
+        for label, x, names in served.values():
+            extra = [n for n in x if n not in names]
+            if extra:
+                other = [n for n in extra if n in params]
+                close = difflib.get_close_matches(extra[0], params, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                why = (
+                    f"{other[0]!r} takes {label.rsplit('.', 1)[-1]} from another group"
+                    if other
+                    else f"there is no parameter {extra[0]!r}{hint}"
+                )
+                raise ValueError(
+                    f"{cls}.init: {label} has a value for {extra}, which it does not apply to: {why}. "
+                    f"Remove the entry, or fix the name (parameter names look like {list(params)[:3]})."
+                )
 
     # ---------------------------------------------------------- public API
     def init(self, params: Mapping[str, Tensor]) -> OptState:
-        """Return the initial state for ``params`` (a dict of name -> Tensor)."""
+        """Return the initial state for ``params`` (a dict of name -> Tensor).
+
+        Checks, once per run, the values of Tensor hyperparameters (elementwise), that
+        per-element values broadcast to their parameters and that per-parameter dicts
+        name every parameter they apply to.
+        """
         _check_params(params, "params", type(self).__name__ + ".init")
         for i, g in enumerate(self.groups):
             for p in g["params"]:
@@ -376,6 +578,7 @@ class Optimizer(abc.ABC):
                         f"parameter. Parameter names look like {list(params)[:3]}."
                     )
         self._check_tensor_values(".init")
+        self._check_shapes(params)
         slots: dict[str, dict[str, Tensor]] = {}
         for name, p in params.items():
             hp = self._step_hparams(name, _HP_DTYPE.get(p.dtype, torch.float32))
@@ -415,35 +618,43 @@ class Optimizer(abc.ABC):
                 f"{type(self).__name__}.update: state has no entry for {missing}; "
                 f"call init() with the same params dict you pass to update()."
             )
-        # One partition per group and step count. The checks read Python attributes only (no
-        # tensor op, no sync): they run at every step.
-        partitions: dict[tuple[int, int], list[str]] = {}
+        # One partition per group and step count (and per parameter, in a group with a dict of
+        # per-parameter values). The checks read Python attributes only (no tensor op, no sync):
+        # they run at every step.
+        partitions: dict[tuple[int, int, str | None], list[str]] = {}
         step_of = state.step
+        kinds = self._kind_of
         for name, p in params.items():
             g = grads.get(name)
             if g is None:
                 continue
             if not isinstance(g, Tensor) or g.shape != p.shape or g.dtype is not p.dtype:
                 raise _bad_grad(type(self).__name__, name, g, p)
-            key = (self._group_index(name), step_of[name] + 1)
+            group = self._group_index(name)
+            kind = kinds.get(group) or self._kind(group, name)
+            key = (group, step_of[name] + 1, name if kind[2] else None)
             partitions.setdefault(key, []).append(name)
         ops = self._backend()
         new_params = dict(params)
         new_step = dict(step_of)
         new_slots = {slot: dict(values) for slot, values in state.slots.items()}
-        for (group, step), names in partitions.items():
+        for (group, step, per_name), names in partitions.items():
             hp = self.hparams(names[0])
+            fit, resolve, _ = kinds[group]
+            if resolve:  # the values of this parameter (dicts) at this step (schedules)
+                where = f"{type(self).__name__}.update"
+                hp = {k: _resolve(v, names[0], step, where, k) for k, v in hp.items()}
             # Float hyperparameters never change a dtype or a shape. Tensor ones are fitted to
-            # the parameters of each dtype (0-dim, in that dtype but at least float32); what a
-            # float32 one promotes in a low-precision 0-dim parameter is cast back.
-            fit = self._has_tensors(group, hp)
+            # the parameters of each dtype (1-element ones 0-dim, in that dtype but at least
+            # float32); what a float32 one promotes in a low-precision 0-dim parameter is cast back.
             by_dtype = _by_dtype(names, params) if fit else {None: names}
             for dtype, names in by_dtype.items():
                 compute = _HP_DTYPE.get(dtype, torch.float32) if dtype is not None else None
                 hp_d = {k: _fit(v, compute) for k, v in hp.items()} if compute is not None else hp
                 ps = [params[n] for n in names]
                 gs = [grads[n] for n in names]
-                expected = self._expected_slots(group, ps[0], hp_d)
+                # A schedule may switch a slot on or off (a momentum of 0): no caching there.
+                expected = self._expected_slots(None if resolve else (group, per_name), ps[0], hp_d)
                 try:
                     slots = {slot: [state.slots[slot][n] for n in names] for slot in expected}
                 except KeyError:
@@ -458,13 +669,20 @@ class Optimizer(abc.ABC):
                     _cast_back(names, params, new_params, slots, new_slots)
         return new_params, OptState(new_step, new_slots)
 
-    def _has_tensors(self, group: int, hp: Mapping[str, Any]) -> bool:
-        """Whether a group has a Tensor hyperparameter (cached: with_tensors keeps it so)."""
-        has = self._tensors_in.get(group)
-        if has is None:
-            has = any(isinstance(x, Tensor) for v in hp.values() for x in (v if isinstance(v, tuple) else (v,)))
-            self._tensors_in[group] = has
-        return has
+    def _kind(self, group: int, name: str) -> tuple[bool, bool, bool]:
+        """Whether a group has Tensor values, values to resolve (dicts, schedules) and dicts of
+        per-parameter values (cached: with_tensors keeps all three)."""
+        atoms = [
+            x
+            for k, v in self.hparams(name).items()
+            if k != "params" and k not in _FLAGS
+            for x in (v if isinstance(v, tuple) else (v,))
+        ]
+        per_name = any(isinstance(x, Mapping) for x in atoms)
+        resolve = per_name or any(isinstance(x, Schedule) for x in atoms)
+        kind = (resolve or any(isinstance(x, Tensor) for x in atoms), resolve, per_name)
+        self._kind_of[group] = kind
+        return kind
 
     def _foreign_state(self, names: list[str], expected: tuple[str, ...], state: OptState) -> ValueError:
         name = next(n for n in names if any(n not in state.slots.get(s, {}) for s in expected))
@@ -493,6 +711,138 @@ class Optimizer(abc.ABC):
     ) -> tuple[list[Tensor], Slots]:
         """Update parameters that share a group and a step count (``step`` counts from 1)."""
 
+    # ---------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's class name, hyperparameters and groups, as tensors, numbers and strings.
+
+        ``torch.save`` writes it and ``torch.load(path, weights_only=True)`` reads it back. Tensor
+        hyperparameters (per-element ones, dict values and schedule values included) are saved
+        detached. A :class:`Schedule` of a function cannot be saved (it raises).
+
+        Example:
+            >>> torch.save({"opt": opt.state_dict(), "state": state.state_dict()}, "ckpt.pt")
+            >>> ckpt = torch.load("ckpt.pt", weights_only=True)
+            >>> opt.load_state_dict(ckpt["opt"]); state = opt.init(params).load_state_dict(ckpt["state"])
+        """
+        cls = type(self).__name__
+
+        def save(v: Any, label: str) -> Any:
+            if isinstance(v, tuple):
+                return tuple(save(x, f"{label}[{i}]") for i, x in enumerate(v))
+            if isinstance(v, Tensor):
+                return v.detach()
+            if isinstance(v, Schedule):
+                if v.values is None:
+                    raise TypeError(
+                        f"{cls}.state_dict: {label} is a Schedule of a function, which cannot be saved as "
+                        f"tensors and numbers. Give it its values instead: "
+                        f"Schedule(torch.tensor([fn(t) for t in range(1, steps + 1)]))."
+                    )
+                return {"schedule": v.values.detach()}
+            if isinstance(v, Mapping):
+                return {"per_parameter": {n: save(x, f"{label}[{n!r}]") for n, x in v.items()}}
+            return v
+
+        return {
+            "optimizer": cls,
+            "defaults": {k: save(v, k) for k, v in self.defaults.items()},
+            "groups": [
+                {k: list(v) if k == "params" else save(v, f"groups[{i}].{k}") for k, v in g.items()}
+                for i, g in enumerate(self.groups)
+            ],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load hyperparameters saved by :meth:`state_dict` into this optimizer, in place.
+
+        As ``torch.nn.Module.load_state_dict`` does for parameters, Tensor hyperparameters are
+        copied into this optimizer's own Tensors (so an outer optimizer that holds them keeps
+        working); floats and flags are replaced. The saved optimizer must be of this class, with
+        the same groups and the same kind and shape of every value; otherwise this raises.
+        """
+        cls = type(self).__name__
+        where = f"{cls}.load_state_dict"
+        if not isinstance(state_dict, Mapping) or "optimizer" not in state_dict:
+            raise TypeError(
+                f"{where}: expected the dict that an optimizer's state_dict() returns; got "
+                f"{_describe(state_dict) if not isinstance(state_dict, Mapping) else sorted(state_dict)}. "
+                f"(The state of a run is loaded with state = opt.init(params).load_state_dict(saved).)"
+            )
+        if state_dict["optimizer"] != cls:
+            raise ValueError(
+                f"{where}: the state_dict was saved from nestgrad.optim.{state_dict['optimizer']}, not {cls}. "
+                f"Construct nestgrad.optim.{state_dict['optimizer']}(...) and load it into that."
+            )
+        groups = state_dict.get("groups", [])
+        if len(groups) != len(self.groups) or any(
+            list(g.get("params", ())) != list(h["params"]) for g, h in zip(groups, self.groups, strict=False)
+        ):
+            raise ValueError(
+                f"{where}: the saved optimizer has groups for {[g.get('params') for g in groups]}, but this one "
+                f"for {[g['params'] for g in self.groups]}. Construct it with the same groups as the one saved."
+            )
+        pending: list[tuple[Tensor, Tensor]] = []
+
+        def load(cur: Any, saved: Any, label: str) -> Any:
+            def mismatch() -> ValueError:
+                return ValueError(
+                    f"{where}: {label} is {_kind(cur)} here but {_kind(saved)} in the state_dict. Construct the "
+                    f"optimizer with the same kind of value (float, Tensor of the same shape, dict of the same "
+                    f"names, Schedule of the same length) as the one saved."
+                )
+
+            if isinstance(cur, tuple):
+                if not isinstance(saved, (tuple, list)) or len(saved) != len(cur):
+                    raise mismatch()
+                return tuple(load(c, x, f"{label}[{i}]") for i, (c, x) in enumerate(zip(cur, saved, strict=True)))
+            if isinstance(cur, Mapping):
+                per = saved.get("per_parameter") if isinstance(saved, Mapping) else None
+                if not isinstance(per, Mapping) or list(per) != list(cur):
+                    raise mismatch()
+                return {n: load(c, per[n], f"{label}[{n!r}]") for n, c in cur.items()}
+            if isinstance(cur, Schedule):
+                values = saved.get("schedule") if isinstance(saved, Mapping) else None
+                if cur.values is None or not isinstance(values, Tensor):
+                    raise mismatch()
+                load(cur.values, values, f"{label} (schedule)")
+                return cur
+            if isinstance(cur, Tensor):
+                if not isinstance(saved, Tensor) or saved.shape != cur.shape:
+                    raise mismatch()
+                if cur.requires_grad and not cur.is_leaf:
+                    raise ValueError(
+                        f"{where}: {label} is computed from other tensors (e.g. log_lr.exp()), so a value cannot "
+                        f"be loaded into it. Construct the optimizer with leaf tensors, or save and load the "
+                        f"tensors it is computed from yourself."
+                    )
+                pending.append((cur, saved))
+                return cur
+            if isinstance(saved, (Tensor, Mapping, tuple, list)) or isinstance(cur, bool) != isinstance(saved, bool):
+                raise mismatch()
+            return saved
+
+        saved_defaults = state_dict.get("defaults", {})
+        if set(saved_defaults) != set(self.defaults):
+            raise ValueError(
+                f"{where}: the saved hyperparameters are {sorted(saved_defaults)}, not {sorted(self.defaults)}."
+            )
+        defaults = {k: load(v, saved_defaults[k], k) for k, v in self.defaults.items()}
+        new_groups = []
+        for i, (g, saved) in enumerate(zip(self.groups, groups, strict=True)):
+            if set(saved) != set(g):
+                raise ValueError(f"{where}: groups[{i}] sets {sorted(saved)} in the state_dict but {sorted(g)} here.")
+            new_groups.append({k: v if k == "params" else load(v, saved[k], f"groups[{i}].{k}") for k, v in g.items()})
+        self._check(defaults, "")
+        for i, g in enumerate(new_groups):
+            self._check({k: v for k, v in g.items() if k != "params"}, f"groups[{i}].")
+        with torch.no_grad():
+            for cur, saved in pending:
+                cur.copy_(saved)
+        self.defaults, self.groups = defaults, new_groups
+        self._slots_of.clear()
+        self._kind_of.clear()
+        self._check_tensor_values(".load_state_dict")
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         groups = f", groups={self.groups!r}" if self.groups else ""
@@ -514,9 +864,9 @@ def _check_params(params: object, arg: str, where: str) -> None:
 
 
 def _fit(v: Any, dtype: torch.dtype) -> Any:
-    """A Tensor hyperparameter as 0-dim and of ``dtype``; other values unchanged."""
+    """A Tensor hyperparameter of ``dtype``, 0-dim if it has one element; other values unchanged."""
     if isinstance(v, Tensor):
-        if v.dim():
+        if v.dim() and v.numel() == 1:
             v = v.reshape(())
         return v if v.dtype is dtype else v.to(dtype)
     if isinstance(v, tuple):
@@ -580,3 +930,69 @@ def _value_of(x: Tensor) -> str:
 def _is_functorch_wrapped(x: Tensor) -> bool:
     is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(is_wrapped(x)) if is_wrapped is not None else False
+
+
+def _named_tensors(x: Any, label: str) -> list[tuple[str, Tensor]]:
+    """The Tensors in one hyperparameter value (a Tensor, a dict's values, a schedule's values)."""
+    if isinstance(x, Tensor):
+        return [(label, x)]
+    if isinstance(x, Schedule):
+        return [] if x.values is None else [(f"{label} (schedule)", x.values)]
+    if isinstance(x, Mapping):
+        return [pair for n, y in x.items() for pair in _named_tensors(y, f"{label}[{n!r}]")]
+    return []
+
+
+def _resolve(x: Any, name: str, step: int, where: str, label: str) -> Any:
+    """The value of one hyperparameter for parameter ``name`` at ``step``."""
+    if isinstance(x, tuple):
+        return tuple(_resolve(y, name, step, where, f"{label}[{i}]") for i, y in enumerate(x))
+    if isinstance(x, Mapping):
+        x, label = x[name], f"{label}[{name!r}]"
+    if isinstance(x, Schedule):
+        return x.at(step, label, where)
+    return x
+
+
+def _broadcasts(shape: Sequence[int], to: Sequence[int]) -> bool:
+    """Whether ``shape`` broadcasts to ``to`` without enlarging it."""
+    try:
+        return tuple(torch.broadcast_shapes(tuple(shape), tuple(to))) == tuple(to)
+    except RuntimeError:
+        return False
+
+
+def _tensor_value(x: Tensor, valid: _Range) -> str:
+    """A Tensor's value for a message: the value of one element, the first bad one of several."""
+    if x.numel() == 1:
+        return f"a Tensor holding {_value_of(x)}"
+    bad = (~valid.holds_tensor(x)).nonzero()[0].tolist()
+    return f"a Tensor of shape {tuple(x.shape)} whose element {bad} is {_value_of(x[tuple(bad)])}"
+
+
+_MISSING_NAME = (
+    "{cls}.init: {label} is a dict of per-parameter values, but has no entry for parameter {name!r} "
+    "(it has {known}). A dict must give every parameter it applies to a value: add {name!r}, or put "
+    "{name!r} in a group with its own {k}, e.g. groups=[{{'params': [{name!r}], '{k}': 0.01}}]."
+)
+_BAD_SHAPE = (
+    "{cls}.init: {label} has {what} {shape}, which does not broadcast to parameter {name!r} of shape "
+    "{pshape}: a per-element value must broadcast to its parameter's shape without enlarging it. Give it "
+    "the shape {pshape} (or one that broadcasts to it, such as (1, ...) dims), or apply it only to "
+    "parameters of that shape with groups=[{{'params': [...], ...}}] or a dict of name -> value."
+)
+
+
+def _kind(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"a Tensor of shape {tuple(v.shape)}"
+    if isinstance(v, Schedule):
+        return "a Schedule of a function" if v.values is None else f"a Schedule of {len(v)} values"
+    if isinstance(v, Mapping):
+        if "schedule" in v and len(v) == 1:
+            return "a Schedule"
+        per = v.get("per_parameter", v)
+        return f"a dict for {list(per)}" if isinstance(per, Mapping) else "a dict"
+    if isinstance(v, (tuple, list)):
+        return f"a pair of {len(v)} values" if len(v) == 2 else f"a sequence of {len(v)} values"
+    return _describe(v)

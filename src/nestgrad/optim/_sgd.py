@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -102,8 +102,11 @@ class ASGD(Optimizer):
         maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
 
     Matches ``torch.optim.ASGD``, whose ``eta`` and ``mu`` state are recomputed here
-    from the step count rather than stored.
+    from the step count rather than stored. ``t0`` is a step count: one value, never
+    per element.
     """
+
+    _scalar_only: ClassVar[tuple[str, ...]] = ("t0",)
 
     def __init__(
         self,
