@@ -16,19 +16,11 @@ import pytest
 import torch
 
 import nestgrad as ng
-import nestgrad._train
 from nestgrad.optim import Schedule
 from optim_db import OPTIMIZERS
 
 pytestmark = pytest.mark.usefixtures("float64")
 optim = ng.optim
-
-
-@pytest.fixture(autouse=True)
-def _names_from_the_optimizer(monkeypatch):
-    # Until _train.py names the optimizer's tensors with Optimizer.tensor_names() (which knows dict
-    # values and schedules), route its helper there: the names must line up with tensors().
-    monkeypatch.setattr(nestgrad._train, "_tensor_hparam_names", lambda opt: opt.tensor_names())
 
 
 def shapes() -> dict[str, tuple[int, ...]]:

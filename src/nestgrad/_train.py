@@ -140,18 +140,8 @@ def _check_loss(loss: Any, t: int) -> None:
 
 
 def _tensor_hparam_names(optimizer: Optimizer) -> list[str]:
-    """Names of ``optimizer.tensors()``, in the same order: ``lr``, ``betas[0]``, ``groups[1].lr``."""
-    names: list[str] = []
-    for i, hp in enumerate([optimizer.defaults, *optimizer.groups]):
-        prefix = "" if i == 0 else f"groups[{i - 1}]."
-        for k, v in hp.items():
-            if k == "params":
-                continue
-            if isinstance(v, tuple):
-                names += [f"{prefix}{k}[{j}]" for j, x in enumerate(v) if isinstance(x, Tensor)]
-            elif isinstance(v, Tensor):
-                names.append(prefix + k)
-    return names
+    """Names of ``optimizer.tensors()``, in the same order: ``lr``, ``betas[0]``, ``groups[1].lr``, ..."""
+    return optimizer.tensor_names()
 
 
 @dataclass
