@@ -238,3 +238,20 @@ def test_a_zeroth_order_rerun_that_diverges_blames_sigma():
     assert torch.isfinite(w["w"]).all()
     with pytest.raises(ng.NonFiniteError, match=r"re-run of training at hparams \+ sigma \* direction.*lower sigma"):
         torch.autograd.grad((w["w"] ** 2).sum(), lr)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_unroll_runs_are_freed_after_backward(check_finite):
+    """The backward checks must not keep a run alive (a hook holding its tensors made a cycle: a leak per call)."""
+    import gc
+    import weakref
+
+    x, y = regression()
+    A = torch.ones(20, requires_grad=True)
+    w0 = {"w": torch.zeros(3, requires_grad=True)}
+    w = ng.train(weighted, w0, ng.optim.SGD(lr=0.1), [(x, y)], steps=3, hparams=A, check_finite=check_finite)
+    torch.autograd.grad((w["w"] ** 2).sum(), A)
+    trained = weakref.ref(w["w"])
+    del w
+    gc.collect()
+    assert trained() is None

@@ -319,13 +319,19 @@ def _watch_outputs(params: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _raise_if_not_finite(named: dict[str, Tensor], what: str, hint: str) -> None:
-    """One hook on all of ``named``: when backward has computed their gradients, raise if any is not finite."""
+    """One hook on all of ``named``: when backward has computed their gradients, raise if any is not finite.
+
+    The hook holds the names only: holding the tensors would make a cycle through their autograd
+    nodes (tensor -> node -> hook -> tensor) that Python's garbage collector cannot see, and leak
+    every run.
+    """
     if not named:
         return
+    names = list(named)
 
     def check(grads: Any) -> None:
         if any_nonfinite(grads):
-            got = {k: g for k, g in zip(named, grads, strict=True) if g is not None}
+            got = {k: g for k, g in zip(names, grads, strict=True) if g is not None}
             raise backward_error("Unroll", what, bad_names(got), got, hint)
 
     torch.autograd.graph.register_multi_grad_hook(list(named.values()), check)
