@@ -76,7 +76,7 @@ META_LR = 1e-3
 META_SGD_LR_INIT = (0.005, 0.1)  # Li et al. 2017, section 4.1
 N_TEST_TASKS = 600
 EVAL_POINTS = 100
-DEFAULT_META_STEPS = 5000
+DEFAULT_META_STEPS = 10_000
 PAPER_META_STEPS = 70_000
 
 # Li et al. 2017 (Meta-SGD), Table 1, sinusoid regression, mean squared error over 600 test
@@ -189,8 +189,7 @@ def init_meta(model: nn.Module, method: Method, seed: int = 0) -> dict[str, Para
     if method.kind == "meta-sgd":
         gen = torch.Generator().manual_seed(seed + 1)
         meta["lrs"] = {
-            k: _uniform(v.shape, META_SGD_LR_INIT, gen).to(v.dtype).requires_grad_()
-            for k, v in meta["params"].items()
+            k: _uniform(v.shape, META_SGD_LR_INIT, gen).to(v.dtype).requires_grad_() for k, v in meta["params"].items()
         }
     return meta
 
@@ -219,9 +218,7 @@ def meta_sgd_adapt(
 
 def maml_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
     """``steps`` inner SGD steps on every task at once; differentiable w.r.t. ``params`` unless under no_grad."""
-    return ng.train(
-        inner_loss(model), stacked(params, x.shape[0]), ng.optim.SGD(lr=INNER_LR), [(x, y)], steps=steps
-    )
+    return ng.train(inner_loss(model), stacked(params, x.shape[0]), ng.optim.SGD(lr=INNER_LR), [(x, y)], steps=steps)
 
 
 def adapt(model: nn.Module, method: Method, meta: dict[str, Params], x: Tensor, y: Tensor, steps: int) -> Params:
@@ -453,7 +450,8 @@ def report(
             row = f"| {method.name} | {method.train_steps} / {steps} |"
             for k in shots:
                 run = by_key.get((method.name, k))
-                row += f" {_fmt(run.test_mse.get(steps) if run else None)} | {_fmt(PUBLISHED.get((method.name, steps, k)))} |"
+                published = PUBLISHED.get((method.name, steps, k))
+                row += f" {_fmt(run.test_mse.get(steps) if run else None)} | {_fmt(published)} |"
             for k in shots:
                 run = by_key.get((method.name, k))
                 row += f" {run.cpu_per_step:.4f} |" if run else " — |"
@@ -486,7 +484,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     if args.meta_steps is None:
-        args.meta_steps = 20 if quick else DEFAULT_META_STEPS
+        args.meta_steps = 50 if quick else DEFAULT_META_STEPS
     if args.test_tasks is None:
         args.test_tasks = 50 if quick else N_TEST_TASKS
     if args.eval_points is None:
@@ -537,7 +535,9 @@ def run(args: argparse.Namespace) -> tuple[list[Run], dict[tuple[int, int], tupl
             for steps in method.eval_steps:
                 mean, ci, _ = evaluate(model, method, meta, tasks_all.shots(k), steps)
                 test_mse[steps] = (mean, ci)
-            run = Run(method, k, args.meta_steps, cpu, sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth, test_mse)
+            run = Run(
+                method, k, args.meta_steps, cpu, sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth, test_mse
+            )
             runs.append(run)
             print(
                 f"- trained {method.name}, K={k}: {cpu:.4f} CPU s / meta-step; test MSE "
