@@ -34,13 +34,14 @@ the first 5 points of the K = 10 one), each adapted with its K support points, t
 squared error on ``--eval-points`` (100) fresh inputs from U[-5, 5]; the table gives the mean
 over tasks and a 95% interval, 1.96 * std / sqrt(600). MAML-1 is also evaluated after 10 steps
 at test time, as in Finn et al. The papers meta-train for 70,000 iterations; this script does
-``--meta-steps`` (default 5000, which runs the whole table in about 6 minutes on one CPU thread),
-so its numbers are far from converged and the published ones are printed beside them only
-for orientation.
+``--meta-steps`` (default 10,000: the whole table takes about 9-10 minutes of CPU time on one
+thread, 2026-11-30 on an AMD EPYC; wall time is longer on a loaded machine), 1/7 of that, so its
+numbers are not converged, and the published ones are printed beside them for orientation.
+MAML-10 takes about half of the time.
 
 Usage::
 
-    python benchmarks/bench_sinusoid.py                    # 5000 meta-steps, K = 5 and 10: ~6 minutes
+    python benchmarks/bench_sinusoid.py                    # 10,000 meta-steps, K = 5 and 10: ~10 CPU minutes
     python benchmarks/bench_sinusoid.py --meta-steps 70000 # the papers' length (hours)
     python benchmarks/bench_sinusoid.py --quick            # tiny: smoke test, a few seconds
     python benchmarks/bench_sinusoid.py --shots 5 --methods maml-1,meta-sgd
@@ -502,7 +503,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> tuple[list[Run], dict[tuple[int, int], tuple[float, float]]]:
     """Meta-train and evaluate every method at every K; print the report; return the runs and the reference."""
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     print(f"# nestgrad sinusoid benchmark ({datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z})")
     print(f"- command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"- torch {torch.__version__}, nestgrad {ng.__version__}, Python {platform.python_version()}")
@@ -547,7 +548,10 @@ def run(args: argparse.Namespace) -> tuple[list[Run], dict[tuple[int, int], tupl
     print()
     report(runs, reference, args.shots, args.test_tasks)
     print()
-    print(f"Total wall time: {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.2f}")
+    print(
+        f"Total: {time.process_time() - cpu_started:.0f} CPU s, {time.perf_counter() - started:.0f} s wall; "
+        f"load average at the end {os.getloadavg()[0]:.2f}"
+    )
     return runs, reference
 
 
