@@ -136,5 +136,4 @@ def test_quick_run_beats_the_untrained_network(capsys: pytest.CaptureFixture[str
     for r in runs:
         for steps, (mean, _) in r.test_mse.items():
             assert mean < reference[(r.shots, steps)][0], (r.method.name, steps, mean, reference)
-        assert r.train_loss_end < r.train_loss_start
         assert r.cpu_per_step > 0
