@@ -219,13 +219,7 @@ def meta_sgd_adapt(
 
 def maml_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
     """``steps`` inner SGD steps on every task at once; differentiable w.r.t. ``params`` unless under no_grad."""
-    # WORKAROUND, check_finite=False: at 28af86a, every ng.train call with a graph and the default
-    # check_finite=True keeps ~0.4 MiB alive here after backward (24 GB after ~35k meta-steps);
-    # with check_finite=False memory stays flat. Drop the argument once that leak is fixed.
-    return ng.train(
-        inner_loss(model), stacked(params, x.shape[0]), ng.optim.SGD(lr=INNER_LR), [(x, y)], steps=steps,
-        check_finite=False,
-    )  # fmt: skip
+    return ng.train(inner_loss(model), stacked(params, x.shape[0]), ng.optim.SGD(lr=INNER_LR), [(x, y)], steps=steps)
 
 
 def adapt(model: nn.Module, method: Method, meta: dict[str, Params], x: Tensor, y: Tensor, steps: int) -> Params:
