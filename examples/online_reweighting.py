@@ -204,9 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for step in bar:
         idx = [batches.next() for _ in range(args.k)]
         segment = [(data.x_train[i], data.y_train[i], i) for i in idx]
-        w_new, state_new = ng.train(
-            loss_fn, w, opt, segment, steps=args.k, hparams=A, state=state, return_state=True
-        )
+        w_new, state_new = ng.train(loss_fn, w, opt, segment, steps=args.k, hparams=A, state=state, return_state=True)
         val_loss = F.cross_entropy(ng.call(model, w_new, data.x_val), data.y_val)
         (grad,) = torch.autograd.grad(val_loss, A)
         outer.zero_grad()
