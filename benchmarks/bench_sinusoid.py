@@ -200,10 +200,10 @@ def meta_sgd_adapt(
 ) -> Params:
     """Meta-SGD's inner loop, hand-written: ``w <- w - lr_w * grad`` with one lr per weight element.
 
-    SWITCH once ``nestgrad.optim.SGD`` takes per-element learning rates: this whole function becomes
-    ``ng.train(inner_loss(model), stacked(params, n), ng.optim.SGD(lr=lrs), [(x, y)], steps=steps)``
-    (``lr={name: tensor}``; today ``SGD`` accepts only a float or a 1-element tensor per group), as in
-    ``maml_adapt``, and under ``torch.no_grad()`` for evaluation.
+    Not ``ng.train(..., ng.optim.SGD(lr={name: tensor}))``, which runs the same update: Li et al.'s
+    ``alpha`` is a vector of any sign (a direction as well as a rate), and meta-training does drive
+    some entries below 0 (seen in the quick run), where ``SGD`` rejects a negative learning rate. To
+    use ``ng.optim.SGD``, keep the rates positive by construction (``lr = log_lr.exp()``).
     """
     loss_fn = inner_loss(model)
     with torch.enable_grad():
