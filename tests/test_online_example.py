@@ -102,11 +102,11 @@ def test_sigkill_and_resume_is_bit_for_bit(tmp_path: Path) -> None:
                 saved_step = torch.load(path, weights_only=True)["outer_step"]
         time.sleep(0.45)  # a few more outer steps start (and maybe save) after the one we saw
         os.kill(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=30)
+        victim.communicate(timeout=30)  # reaps it and closes its pipes
     finally:
         if victim.poll() is None:
             victim.kill()
-            victim.wait()
+            victim.communicate()
     assert victim.returncode == -signal.SIGKILL
     assert not (tmp_path / "resumed.pt").exists()  # it really died before the end
     killed_at = torch.load(path, weights_only=True)["outer_step"]
