@@ -50,7 +50,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import math
@@ -66,6 +65,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import nestgrad as ng
+from bench_unroll import machine
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -370,18 +370,6 @@ def make_test_tasks(n: int, max_shots: int, eval_points: int, seed: int = 0) -> 
 
 
 # ----------------------------------------------------------------------------- the report
-def machine() -> str:
-    """CPU model, core count and OS."""
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores available ({os.cpu_count()} logical), {platform.system()} {platform.release()}"
-
-
 def _max_rel(a: dict, b: dict) -> float:
     worst = 0.0
     for group in a:
