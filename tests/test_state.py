@@ -130,8 +130,11 @@ def test_bad_states_are_named():
     other = ng.optim.Adam().init({"v": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"state holds step counts for \['v'\].*\['b', 'w'\]"):
         ng.train(loss_fn, init(), opt, data, steps=1, hparams=A, state=other)
-    partial = ng.optim.Adam().init({"w": torch.zeros(3)})  # b is then frozen
-    assert torch.equal(ng.train(loss_fn, init(), opt, data, steps=2, hparams=A, state=partial)["b"], init()["b"])
+    partial = ng.optim.Adam().init({"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"params \['b'\] require grad, but the given state has no entry"):
+        ng.train(loss_fn, init(), opt, data, steps=2, hparams=A, state=partial)
+    frozen_b = {**init(), "b": init()["b"].detach()}  # b without requires_grad: the state trains w only
+    assert torch.equal(ng.train(loss_fn, frozen_b, opt, data, steps=2, hparams=A, state=partial)["b"], frozen_b["b"])
     sgd_state = ng.optim.SGD(momentum=0.9).init(init())
     with pytest.raises(ValueError, match="exp_avg"):  # the optimizer's own check: another optimizer's slots
         ng.train(loss_fn, init(), opt, data, steps=1, hparams=A, state=sgd_state)

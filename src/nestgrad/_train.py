@@ -529,6 +529,12 @@ _STATE_NAMES = (
     "stay frozen)."
 )
 
+_UNSTATED = (
+    "nestgrad.train: params {names} require grad, but the given state has no entry for them (it has "
+    "{have}). A state names the params it trains; to train these too, pass a state made for all of them "
+    "(optimizer.init(params)); to keep them fixed, pass them with requires_grad=False."
+)
+
 _PATH_DROPPED = (
     "nestgrad.train ({method}): {what} carries a graph (it is the output of a differentiable computation, "
     "e.g. an earlier nestgrad.train segment), but {method} does not differentiate through the initial "
@@ -549,6 +555,9 @@ def _stated(params: Mapping[str, Tensor], state: OptState) -> dict[str, Tensor]:
     floats = {k for k, v in params.items() if v.is_floating_point()}
     if not set(state.step) <= floats:
         raise ValueError(_STATE_NAMES.format(have=sorted(state.step), want=sorted(floats)))
+    unstated = [k for k, v in params.items() if v.requires_grad and k not in state.step]
+    if unstated:
+        raise ValueError(_UNSTATED.format(names=unstated[:4], have=sorted(state.step)))
     return {k: params[k] if params[k].requires_grad else params[k].detach().requires_grad_() for k in state.step}
 
 
