@@ -150,3 +150,11 @@ def test_default_call_is_unchanged():
 
 def test_optimizers_in_the_table_are_all_covered():
     assert {info.name for info in OPTIMIZERS} >= {"SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Rprop", "ASGD"}
+
+
+def test_a_given_state_with_nan_is_named_at_the_first_step():
+    opt, data, A = ng.optim.SGD(lr=0.1, momentum=0.9), problem(), torch.zeros(20, requires_grad=True)
+    _, state = ng.train(loss_fn, init(), opt, data, steps=2, hparams=A, return_state=True)
+    bad = state.with_tensors([torch.full_like(x, float("nan")) for x in state.tensors()])
+    with pytest.raises(ng.NonFiniteError, match=r"at step 0 of 3.*optimizer state 'momentum_buffer'"):
+        ng.train(loss_fn, init(), opt, data, steps=3, hparams=A, state=bad)

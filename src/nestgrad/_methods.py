@@ -193,12 +193,16 @@ class _Adjoint(torch.autograd.Function):
             # Like autograd's own saved tensors: free the trajectory / Jacobian now, not when
             # the trained weights die.
             ctx.run, ctx.method_name = None, name
-        zero = [torch.zeros(*like[:1], dtype=like[1], device=like[2]) for like in ctx.zeros]
-        grads = tuple(z if g is None else g for g, z in zip(grads, zero, strict=True))  # as autograd materializes
+        # Zeros where an output was unused, as autograd's default materialization would give (made only there).
+        grads = tuple(
+            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            for g, (shape, dtype, device) in zip(grads, ctx.zeros, strict=True)
+        )
         incoming = dict(zip(names, grads, strict=True))
         if problem.check_finite and any_nonfinite([*grads, *state_grads]):
-            what = "the gradient arriving at the trained weights is not finite:"
-            raise backward_error(name, what, bad_names(incoming), incoming, _OUTER_NAN)  # type: ignore[arg-type]
+            arriving = {**incoming, **{f"the returned optimizer state[{i}]": g for i, g in enumerate(state_grads)}}
+            what = "the gradient arriving at the trained weights (or the returned state) is not finite:"
+            raise backward_error(name, what, bad_names(arriving), arriving, _OUTER_NAN)  # type: ignore[arg-type]
         replay = dataclasses.replace(problem, replay=True)  # re-running steps must not advance buffers again
         grad_state: list[Tensor | None] = [None] * m
         try:
