@@ -1,0 +1,172 @@
+r"""A drop-in for the ``higher`` library's ``innerloop_ctx``, built on :func:`nestgrad.call` and :mod:`nestgrad.optim`.
+
+Change one import and existing ``higher`` code runs on nestgrad::
+
+    import nestgrad.higher as higher
+
+    with higher.innerloop_ctx(model, optimizer, copy_initial_weights=False) as (fmodel, diffopt):
+        for x, y in support:
+            diffopt.step(loss_fn(fmodel(x), y))
+        meta_loss = loss_fn(fmodel(x_query), y_query)
+    meta_loss.backward()  # reaches model.parameters(), through every inner step
+
+``fmodel(*args, **kwargs)`` is ``nestgrad.call(model, fast_weights, *args, **kwargs)``, and
+``diffopt.step(loss)`` takes ``torch.autograd.grad(loss, fast_weights, create_graph=True)`` and
+applies the pure update of the :mod:`nestgrad.optim` twin of your ``torch.optim`` optimizer.
+
+Differences from ``higher`` 0.2.1
+---------------------------------
+* **No monkeypatching.** ``higher`` builds a patched copy of every submodule, so forward hooks
+  registered on your model never fire and outputs that models collect with hooks are lost:
+  with transformers 5, ``fmodel(ids, output_hidden_states=True).hidden_states`` is ``None``
+  under ``higher``. Here ``fmodel`` runs *your* module (``torch.func.functional_call``), so
+  hooks, hidden states, attentions and every other output are exactly those of ``model(...)``.
+* **Nesting works.** ``innerloop_ctx(fmodel, opt)`` starts an inner loop from the current fast
+  weights of an outer loop (``higher`` raises "Monkey-patching monkey-patched modules is
+  untested"). With ``copy_initial_weights=False`` the inner loop is differentiable with
+  respect to the outer fast weights, so an outer unroll can contain inner unrolls.
+* **Optimizers.** All of SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam,
+  Rprop and ASGD are mapped (``higher`` has no AdamW, NAdam or RAdam), with every flag of
+  ``torch.optim`` honoured (``maximize``, ``amsgrad``, ``nesterov``, ``centered``,
+  ``decoupled_weight_decay``; ``higher`` ignores several). The updates are ``torch.optim``'s,
+  step for step. Where ``higher`` masks gradients at a zero second moment, the Adam family and
+  RMSprop here add ``eps_root=1e-30`` inside the square root (see :class:`nestgrad.optim.Adam`),
+  which keeps meta-gradients finite and leaves the trajectory unchanged to float precision.
+  (``higher``'s Adam also adds ``eps`` before the bias correction, an older formula than
+  ``torch.optim.Adam``'s, so its trajectories differ from ``torch.optim``'s by about
+  ``eps / sqrt(1 - beta2**t)`` in the denominator; these match ``torch.optim``.)
+  A built-in :mod:`nestgrad.optim` optimizer may be passed instead of a ``torch.optim`` one.
+* ``copy_initial_weights=False``: the initial fast weights *are* ``model.parameters()``
+  (``higher`` uses ``clone()`` of them); the gradients are the same.
+* ``fmodel.parameters()`` and ``fmodel.named_parameters()`` return lists, not iterators.
+* Not provided: ``higher.monkeypatch``, ``get_diff_optim``, ``create_diff_optim``,
+  ``register_optim`` and ``higher.patch``/``higher.utils``.
+
+As in ``higher``
+----------------
+* ``copy_initial_weights=True`` (the default) starts from detached copies of the weights, so
+  no gradient reaches ``model.parameters()`` through the unroll; ``False`` is what MAML needs.
+* ``track_higher_grads=False`` is first order: no ``create_graph``, and the fast weights are
+  detached after every step (they still require grad). No gradient flows through the steps.
+* ``override={"lr": [value, ...]}`` sets a hyperparameter per param group (one value for all
+  groups, or one per group); values may be Tensors that require grad. An override passed to
+  ``step`` replaces the current value and stays in force for later steps.
+* The optimizer's existing state (momentum buffers, Adam's moments and step count, ...) is
+  copied, detached, into the inner loop; the ``torch.optim`` optimizer itself is never changed.
+  Parameters that the optimizer does not hold keep their initial value.
+* ``fmodel(x, params=fast_weights)`` runs with ``fast_weights``, which become the current ones.
+
+Second-order gradients and attention kernels
+--------------------------------------------
+PyTorch implements no double backward for its fused attention kernels, which
+``scaled_dot_product_attention`` (and so transformers' default ``attn_implementation="sdpa"``)
+picks on CPU. A hypergradient through such a model then fails with "derivative for
+aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented" with ``higher``.
+Like ``nestgrad.train``, ``fmodel`` selects the math attention kernel, which has a double
+backward, whenever it records higher-order gradients, so the same model works here unchanged.
+
+Buffers and BatchNorm
+---------------------
+``fmodel`` owns copies of the model's buffers, taken when the context is entered. In train
+mode, BatchNorm normalises with batch statistics (differentiably) and updates the running
+statistics in place on those copies; the model's own buffers are never changed. In eval mode
+it reads them. ``fmodel.train()`` and ``fmodel.eval()`` set the mode for ``fmodel``'s calls
+only; until either is called, ``fmodel`` follows the model's own mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .. import optim as _optim
+from .optim import (
+    _TORCH_TO_NG,
+    _UNSUPPORTED,
+    DifferentiableOptimizer,
+    Override,
+    _carry_state,
+    _from_nestgrad,
+    _from_torch,
+)
+from .patch import FunctionalModel, _copy
+
+__all__ = ["DifferentiableOptimizer", "FunctionalModel", "innerloop_ctx"]
+
+
+@contextmanager
+def innerloop_ctx(
+    model: nn.Module | FunctionalModel,
+    opt: torch.optim.Optimizer | _optim.Optimizer,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: Override | None = None,
+    track_higher_grads: bool = True,
+) -> Iterator[tuple[FunctionalModel, DifferentiableOptimizer]]:
+    """A context manager for differentiable inner loops, with ``higher``'s signature.
+
+    Args:
+        model: the ``nn.Module`` to train, or the ``fmodel`` of an enclosing ``innerloop_ctx``
+            (the inner loop then starts from its current fast weights).
+        opt: a ``torch.optim`` optimizer over ``model``'s parameters (SGD, Adam, AdamW,
+            RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam, Rprop or ASGD), whose param
+            groups, hyperparameters and state are copied; or a :mod:`nestgrad.optim`
+            optimizer, which updates every parameter.
+        device: where to put the fast weights, buffers and optimizer state (default: where
+            the model's are).
+        copy_initial_weights: start from detached copies of the weights (``True``, no gradient
+            reaches the model's weights) or from the weights themselves (``False``, for MAML).
+        override: ``{name: [value]}`` or ``{name: [value_group0, value_group1, ...]}``;
+            values may be Tensors that require grad.
+        track_higher_grads: ``False`` for a first-order inner loop (no ``create_graph``,
+            fast weights detached after each step).
+
+    Yields:
+        ``(fmodel, diffopt)``: a :class:`FunctionalModel` and a :class:`DifferentiableOptimizer`.
+
+    Example:
+        >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> with innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                    override={"lr": [lr]}) as (fmodel, diffopt):
+        ...     diffopt.step(loss_fn(fmodel(x), y))
+        ...     val_loss = loss_fn(fmodel(x_val), y_val)
+        >>> (lr_grad,) = torch.autograd.grad(val_loss, lr)
+    """
+    if isinstance(model, FunctionalModel):
+        module, start, own_buffers, training = model.module, model.fast_params, model._buffers, model._training
+    elif isinstance(model, nn.Module):
+        module, start, training = model, list(model.parameters()), None
+        own_buffers = dict(model.named_buffers())
+    else:
+        raise TypeError(
+            f"nestgrad.higher.innerloop_ctx: model must be an nn.Module or the fmodel of another "
+            f"innerloop_ctx; got {type(model).__name__}."
+        )
+    if copy_initial_weights:
+        params = [_copy(p, device).requires_grad_(p.requires_grad) for p in start]
+    else:
+        params = [p if device is None else p.to(device) for p in start]
+    buffers = {k: _copy(b, device) for k, b in own_buffers.items()}
+    fmodel = FunctionalModel(module, params, buffers, track_higher_grads, training)
+    names = fmodel._names
+
+    if isinstance(opt, _optim.Optimizer):
+        cls, groups, source = _from_nestgrad(opt, names)
+        foreach = opt.foreach
+    elif type(opt) in _TORCH_TO_NG:
+        cls, groups, source = _from_torch(opt, module)
+        foreach = None
+    else:
+        supported = ", ".join(t.__name__ for t in _TORCH_TO_NG)
+        raise TypeError(_UNSUPPORTED.format(supported=supported, got=type(opt).__qualname__))
+    diffopt = DifferentiableOptimizer(fmodel, cls, groups, source, _optim.OptState({}, {}), track_higher_grads, foreach)
+    if override is not None:
+        diffopt._apply_override(override)
+    state = diffopt.optimizer.init(diffopt._tracked(params))
+    if isinstance(opt, torch.optim.Optimizer):
+        _carry_state(opt, module, state, device)
+    diffopt.state = state
+    yield fmodel, diffopt
