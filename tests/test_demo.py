@@ -57,8 +57,66 @@ def test_learn_weights_hypergradient_is_nonzero_and_separates_flipped_labels():
     assert len(cleaning.val_loss) == len(cleaning.test_accuracy) == 3
 
 
+def test_online_weights_are_learned_through_warm_started_segments():
+    data = _demo.load_data(0)
+    cleaning = _demo.learn_weights_online(data, steps=30, progress=False)
+    weights = cleaning.weights
+    assert weights.shape == (1000,)
+    assert weights[data.flipped].mean() < 0.45 < 0.55 < weights[~data.flipped].mean()
+    assert len(cleaning.val_loss) == len(cleaning.test_accuracy) == 30
+    assert cleaning.val_loss[-1] < 0.5 * cleaning.val_loss[0]
+    # The classifier is warm-started, not retrained: its test accuracy climbs over the outer steps.
+    assert cleaning.test_accuracy[-1] > cleaning.test_accuracy[0] + 0.3
+
+
+def test_online_hypergradient_is_the_gradient_through_the_last_k_steps():
+    """One outer step of the online mode equals a hand-written k-step unroll from the same warm start."""
+    data = _demo.load_data(0)
+    recipe = _demo.DEFAULT_RECIPE
+    model = recipe.model(0)
+    n = 1000
+    x, y, _ = _demo.inner_data(data, torch.ones(n))
+    logits = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    model = model.double()
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    inner = ng.optim.SGD(lr=recipe.lr, momentum=recipe.momentum)
+    state = inner.init(params)
+    idx = [torch.arange(i * 50, i * 50 + 50) for i in range(3)]
+    x64 = x.double()
+
+    def loss_fn(p, batch, w):
+        xb, yb, i = batch
+        return (w[i] * F.cross_entropy(ng.call(model, p, xb), yb, reduction="none")).sum() / len(i)
+
+    # Warm start: 4 steps first, then the 3-step segment the hypergradient goes through.
+    weights = torch.cat([torch.sigmoid(logits), torch.ones(300, dtype=torch.float64)])
+    warm = [(x64[i + 600], y[i + 600], i + 600) for i in idx] + [(x64[idx[0]], y[idx[0]], idx[0])]
+    params, state = ng.train(
+        loss_fn, params, inner, warm, steps=4, hparams=weights.detach(), state=state, return_state=True
+    )
+    segment = [(x64[i], y[i], i) for i in idx]
+    trained = ng.train(loss_fn, params, inner, segment, steps=3, hparams=weights, state=state)
+    val = F.cross_entropy(ng.call(model, trained, data.x_val.double()), data.y_val)
+    (got,) = torch.autograd.grad(val, logits)
+
+    # By hand: momentum SGD, buffers from the warm-started state, unrolled with autograd.
+    weights = torch.cat([torch.sigmoid(logits), torch.ones(300, dtype=torch.float64)])
+    w = {k: v.clone().requires_grad_() for k, v in params.items()}
+    buf = {k: state.slots["momentum_buffer"][k].clone() for k in params}
+    p = dict(w)
+    for xb, yb, i in segment:
+        g = torch.autograd.grad(loss_fn(p, (xb, yb, i), weights), list(p.values()), create_graph=True)
+        for (k, v), gk in zip(list(p.items()), g):
+            buf[k] = recipe.momentum * buf[k] + gk
+            p[k] = v - recipe.lr * buf[k]
+    val_ref = F.cross_entropy(ng.call(model, p, data.x_val.double()), data.y_val)
+    (want,) = torch.autograd.grad(val_ref, logits)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert got.abs().max() > 0
+
+
 def test_run_few_steps(tmp_path: Path):
-    results = _demo.run(steps=8, seed=0, out=tmp_path / "out", progress=False)
+    results = _demo.run(steps=8, seed=0, out=tmp_path / "out", progress=False, mode="full")
 
     weights, flipped = results["weights"], results["flipped"]
     assert int(flipped.sum()) == 500
@@ -84,9 +142,19 @@ def test_run_few_steps(tmp_path: Path):
         assert row in table
 
 
-def test_run_rejects_zero_steps(tmp_path: Path):
+def test_online_run_few_steps(tmp_path: Path):
+    results = _demo.run(steps=40, seed=1, out=tmp_path, progress=False)
+    assert results["mode"] == "online" and len(results["val_loss"]) == 40
+    assert results["detection"]["f1"] > 0.8
+    assert "online" in _demo.format_table(results)
+    assert results["figure"].stat().st_size > 10_000
+
+
+def test_run_rejects_zero_steps_and_unknown_modes(tmp_path: Path):
     with pytest.raises(ValueError, match="steps"):
         _demo.run(steps=0, out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="mode must be one of 'online', 'full'; got 'fast'"):
+        _demo.run(steps=1, out=tmp_path, progress=False, mode="fast")
 
 
 def test_cli_help_and_arguments(capsys: pytest.CaptureFixture[str]):
@@ -114,8 +182,19 @@ def test_cli_demo_runs_and_prints_the_table(tmp_path: Path, capsys: pytest.Captu
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_online_demo_meets_its_targets(tmp_path: Path, seed: int):
+    """The issue's target for the default mode: test accuracy >= 95% and F1 >= 0.95 on seeds 0, 1 and 2."""
+    results = _demo.run(seed=seed, out=tmp_path, progress=False)
+    acc = results["accuracy"]
+    assert acc["nestgrad"] >= 0.95, _demo.format_table(results)
+    assert results["detection"]["f1"] >= 0.95, _demo.format_table(results)
+    assert acc["nestgrad"] > acc["val_only"] and acc["nestgrad"] > acc["noisy"] + 0.05, _demo.format_table(results)
+
+
+@pytest.mark.slow
 def test_full_demo_meets_its_targets(tmp_path: Path):
-    results = _demo.run(out=tmp_path, progress=False)
+    results = _demo.run(out=tmp_path, progress=False, mode="full")
     acc = results["accuracy"]
     assert acc["nestgrad"] >= 0.94, _demo.format_table(results)
     assert results["detection"]["f1"] >= 0.95, _demo.format_table(results)
@@ -197,9 +276,22 @@ def test_cli_levels_picks_the_demo_and_its_default_steps(monkeypatch: pytest.Mon
         ["demo", "--levels", "3"],
         ["demo", "--levels", "3", "--steps", "7"],
         ["demo", "--steps", "7"],
+        ["demo", "--mode", "full"],
+        ["demo", "--mode", "full", "--steps", "3"],
     ):
         assert _cli.main(argv) == 0
-    assert calls == [(_demo, _demo.DEFAULT_STEPS), (_demo3, _demo3.DEFAULT_STEPS), (_demo3, 7), (_demo, 7)]
+    assert calls == [
+        (_demo, _demo.DEFAULT_STEPS),
+        (_demo3, _demo3.DEFAULT_STEPS),
+        (_demo3, 7),
+        (_demo, 7),
+        (_demo, _demo.FULL_STEPS),
+        (_demo, 3),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.main(["demo", "--levels", "3", "--mode", "online"])
+    assert exit_info.value.code == 2
+    assert "--mode applies to --levels 2 only" in capsys.readouterr().err
 
 
 def test_cli_three_level_demo_runs_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -35,12 +35,17 @@ def _demo(args: argparse.Namespace) -> int:
     if args.levels == 3:
         from . import _demo3 as demo
 
+        if args.mode is not None:
+            args.parser.error("--mode applies to --levels 2 only; --levels 3 always retrains both levels")
         steps = args.steps if getattr(args, "steps_given", False) else demo.DEFAULT_STEPS
+        results = demo.run(steps=steps, seed=args.seed, out=args.out, progress=True)
     else:
         from . import _demo as demo  # type: ignore[no-redef]
 
-        steps = args.steps
-    results = demo.run(steps=steps, seed=args.seed, out=args.out, progress=True)
+        mode = args.mode or demo.DEFAULT_MODE
+        default = demo.DEFAULT_STEPS if mode == "online" else demo.FULL_STEPS
+        steps = args.steps if getattr(args, "steps_given", False) else default
+        results = demo.run(steps=steps, seed=args.seed, out=args.out, progress=True, mode=mode)
     print(demo.format_table(results))
     return 0
 
@@ -48,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``nestgrad`` argument parser, with one subparser per subcommand."""
     from . import __version__
-    from ._demo import DEFAULT_OUT, DEFAULT_STEPS
+    from ._demo import DEFAULT_MODE, DEFAULT_OUT, DEFAULT_STEPS, FULL_STEPS, MODES
     from ._demo3 import DEFAULT_STEPS as DEFAULT_STEPS_3
 
     parser = argparse.ArgumentParser(
@@ -83,7 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         action=_StepsAction,
         default=DEFAULT_STEPS,
-        help=f"outer (hypergradient) steps (default: %(default)s, or {DEFAULT_STEPS_3} with --levels 3)",
+        help=f"outer (hypergradient) steps (default: %(default)s online, {FULL_STEPS} with --mode full, "
+        f"{DEFAULT_STEPS_3} with --levels 3)",
+    )
+    demo.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="online: one classifier trains on, and the weights step every few minibatch steps (about 5 s); "
+        "full: every outer step retrains from scratch and differentiates through all 100 steps (about 40 s). "
+        f"Two levels only (default: {DEFAULT_MODE})",
     )
     demo.add_argument(
         "--seed",
@@ -92,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the data split, label noise and model initialization (default: %(default)s)",
     )
     demo.add_argument("--out", default=DEFAULT_OUT, help="directory for the figure (default: %(default)s)")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_demo, parser=demo)
     return parser
 
 
