@@ -15,6 +15,7 @@ from ._methods import AdjointMethod, Method, Unroll
 from ._nonfinite import NonFiniteError
 from ._reverse import Reverse
 from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Neumann, Solution
+from ._tasks import Tasks
 from ._train import LossFn, Problem, train
 from ._zeroth_order import ZerothOrder
 
@@ -41,6 +42,7 @@ __all__ = [
     "ReplayError",
     "Reverse",
     "Solution",
+    "Tasks",
     "Unroll",
     "ZerothOrder",
     "call",

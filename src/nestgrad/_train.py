@@ -18,6 +18,7 @@ from ._data import Batches
 from ._explain import PathReport, graph_nodes, reaches, require_path
 from ._methods import AdjointMethod, Method, Unroll, is_out_of_memory, out_of_memory
 from ._nonfinite import CHECK_EVERY, NonFiniteError, all_finite, finite, training_error
+from ._tasks import Tasks, as_tasks, stack_params, vectorise
 from .optim._base import Optimizer, OptState, _check_params, _describe
 
 LossFn = Callable[[dict[str, Tensor], Any, Any], Tensor]
@@ -394,6 +395,7 @@ def train(
     check_finite: bool = True,
     state: OptState | None = None,
     return_state: bool = False,
+    tasks: int | Tasks | None = None,
 ) -> Any:
     """Run ``steps`` optimizer updates and return the trained weights.
 
@@ -436,6 +438,11 @@ def train(
             Unroll and Reverse; the other methods raise instead of dropping that path.
         return_state: also return the final optimizer state: ``(weights, state)``. Its tensors are
             differentiable outputs with Unroll and Reverse.
+        tasks: train a batch of independent tasks in one vectorised call: the number of tasks,
+            or a :class:`~nestgrad.Tasks` that says which of ``params``, the batches and
+            ``hparams`` have a leading task dimension (default: shared initial weights,
+            per-task batches, shared hparams). ``loss_fn`` stays the loss of one task; the
+            trained weights come back with a leading task dimension.
 
     Returns:
         ``dict[str, Tensor]`` with the same names as ``params``; with ``return_state``, the pair
@@ -485,6 +492,10 @@ def train(
         )
     if not isinstance(return_state, bool):
         raise TypeError(f"nestgrad.train: return_state must be True or False; got {_describe(return_state)}.")
+    if tasks is not None:
+        tasks = as_tasks(tasks)
+        params, dims = stack_params(tasks, params, differentiable=getattr(method, "differentiates_params", True))
+        loss_fn = vectorise(tasks, loss_fn, dims)
     trainable = _trainable(params) if state is None else _stated(params, state)
     frozen = {k: v for k, v in params.items() if k not in trainable}
     _check_start(method, trainable, state)
