@@ -417,3 +417,23 @@ def test_tied_weights_with_conflicting_values_raise() -> None:
     w = torch.randn(10, 4)
     with pytest.raises(ValueError, match="tied"):
         ng.call(model, {"emb.weight": w, "out.weight": w + 1}, torch.tensor([1]))
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+def test_rnn_weight_cache_is_restored_and_gradients_flow(cls: type[nn.RNNBase]):
+    """RNNs keep their weights in ``_flat_weights``; after a call it must hold the module's own again."""
+    torch.manual_seed(0)
+    rnn = cls(3, 4, num_layers=2).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    own = list(rnn._flat_weights)
+    fast = {k: (v * 1.5).detach().requires_grad_() for k, v in rnn.named_parameters()}
+    out = ng.call(rnn, fast, x)[0]
+    assert all(a is b for a, b in zip(rnn._flat_weights, own, strict=True))
+    # The output is the one with the given weights, and gradients reach them.
+    with torch.no_grad():
+        copy = cls(3, 4, num_layers=2).double()
+        for k, v in fast.items():
+            getattr(copy, k).copy_(v)
+    torch.testing.assert_close(out, copy(x)[0])
+    grads = torch.autograd.grad(out.sum(), list(fast.values()))
+    assert all(g.abs().sum() > 0 for g in grads)

@@ -158,7 +158,14 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
             slots[slot] = run.copy(original, slot)
             owned.append((slot, original))
     copies = [slots[slot] for slot, _ in owned]
-    out = functional_call(module, slots, args, kwargs, tie_weights=False, strict=False)
+    # RNNs cache their weights in _flat_weights, which functional_call leaves holding the given tensors
+    # (and their graph): put the module's own back.
+    rnns = [(m, m._flat_weights) for m in module.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        out = functional_call(module, slots, args, kwargs, tie_weights=False, strict=False)
+    finally:
+        for m, flat in rnns:
+            m._flat_weights = flat
     for (slot, original), copy in zip(owned, copies, strict=True):
         if slots[slot] is not copy:  # forward assigned a new tensor to the buffer
             run.replaced(original, slots[slot])  # type: ignore[union-attr]
