@@ -20,14 +20,11 @@ training tasks at a given K):
 * ``Meta-SGD``: one inner step ``w - lr_w * g`` with a learnable learning rate per weight
   element (initialized ``U[0.005, 0.1]``, as in Li et al.), meta-learned with the weights.
 
-All tasks of a meta-batch adapt at once: the initial weights are stacked along a leading
-task dimension (an ``expand`` of the meta-parameters, so no copy), the inner loss is the
-*sum* over tasks of each task's mean squared error, so that each task's slice of the
-gradient is that task's own gradient, and the network runs per task with
-``torch.func.vmap`` over ``nestgrad.call``. One ``nestgrad.train`` call then adapts 25 tasks,
-and one SGD step on the stacked weights is exactly 25 independent per-task SGD steps. The
-script checks this against a plain per-task loop (one ``nestgrad.train`` per task) before it
-trains, and prints the cost of both.
+All tasks of a meta-batch adapt at once, with ``ng.train(..., tasks=25)``: the loss is written
+for one task, nestgrad runs it on all of them with ``torch.func.vmap`` and trains the stacked
+weights (an ``expand`` of the meta-parameters) with one optimizer, so that each task's weights
+take exactly that task's own SGD steps. The script checks this against a plain per-task loop
+(one ``nestgrad.train`` per task) before it trains, and prints the cost of both.
 
 Evaluation: 600 fresh test tasks (the same ones for every method; at K = 5 the support set is
 the first 5 points of the K = 10 one), each adapted with its K support points, then the mean
@@ -144,14 +141,11 @@ def task_losses(model: nn.Module, params: Params, x: Tensor, y: Tensor) -> Tenso
 
 
 def inner_loss(model: nn.Module) -> Callable[[Params, tuple[Tensor, Tensor], object], Tensor]:
-    """The inner (adaptation) loss for ``ng.train``: the sum over tasks of each task's MSE.
-
-    The sum, not the mean: each task's weights then get exactly that task's own gradient.
-    """
+    """The inner (adaptation) loss of one task, for ``ng.train(..., tasks=n)``: its MSE."""
 
     def loss_fn(params: Params, batch: tuple[Tensor, Tensor], _: object) -> Tensor:
         x, y = batch
-        return task_losses(model, params, x, y).sum()
+        return (ng.call(model, params, x) - y).pow(2).mean()
 
     return loss_fn
 
@@ -205,21 +199,22 @@ def meta_sgd_adapt(
     some entries below 0 (seen in the quick run), where ``SGD`` rejects a negative learning rate. To
     use ``ng.optim.SGD``, keep the rates positive by construction (``lr = log_lr.exp()``).
     """
-    loss_fn = inner_loss(model)
     with torch.enable_grad():
         if not create_graph:  # evaluation: detached leaves, so no graph reaches the meta-parameters
             params = {k: v.detach().requires_grad_() for k, v in params.items()}
             lrs = {k: v.detach() for k, v in lrs.items()}
         w = stacked(params, x.shape[0])
         for _ in range(steps):
-            grads = torch.autograd.grad(loss_fn(w, (x, y), None), list(w.values()), create_graph=create_graph)
+            loss = task_losses(model, w, x, y).sum()  # the sum: each task's slice gets its own gradient
+            grads = torch.autograd.grad(loss, list(w.values()), create_graph=create_graph)
             w = {k: v - lrs[k] * g for (k, v), g in zip(w.items(), grads)}
     return w if create_graph else {k: v.detach() for k, v in w.items()}
 
 
 def maml_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int) -> Params:
     """``steps`` inner SGD steps on every task at once; differentiable w.r.t. ``params`` unless under no_grad."""
-    return ng.train(inner_loss(model), stacked(params, x.shape[0]), ng.optim.SGD(lr=INNER_LR), [(x, y)], steps=steps)
+    opt = ng.optim.SGD(lr=INNER_LR)
+    return ng.train(inner_loss(model), params, opt, [(x, y)], steps=steps, tasks=x.shape[0])
 
 
 def adapt(model: nn.Module, method: Method, meta: dict[str, Params], x: Tensor, y: Tensor, steps: int) -> Params:

@@ -347,3 +347,15 @@ def test_user_tensors_are_untouched_and_shared_init_gets_the_summed_gradient():
     for a, b in zip(got, want, strict=True):
         close(a, b)
     assert fast["0.weight"].shape == (N, 8, 1)
+
+
+def test_plain_training_under_no_grad_equals_a_loop():
+    xs, ys, _, _ = sinusoids()
+    w0 = init()
+    with torch.no_grad():
+        fast = ng.train(loss_fn, w0, ng.optim.Adam(lr=0.1), [(xs, ys)], steps=STEPS, tasks=N)
+        assert not any(v.requires_grad for v in fast.values())
+        for i in range(N):
+            wi = ng.train(loss_fn, w0, ng.optim.Adam(lr=0.1), [(xs[i], ys[i])], steps=STEPS)
+            for k in wi:
+                close(fast[k][i], wi[k])

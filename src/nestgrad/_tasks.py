@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vmap
@@ -158,7 +159,8 @@ def stack_params(
             out[k] = v
         else:
             base = v if differentiable else v.detach()
-            out[k] = base.unsqueeze(0).expand(tasks.n, *v.shape)
+            with torch.enable_grad():  # under no_grad too, the tasks' weights are the ones to train
+                out[k] = base.unsqueeze(0).expand(tasks.n, *v.shape)
             if not differentiable:
                 out[k] = out[k].clone().requires_grad_()
             dims[k] = 0
