@@ -37,3 +37,14 @@ def test_readme_state_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert set(namespace["state"].step.values()) == {20}
     assert torch.load("ckpt.pt", weights_only=True)["state"]["step"] == {"w": 20, "b": 20}
+
+
+def test_readme_tasks_snippet_runs_and_reaches_the_meta_parameters(capsys):
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Many tasks at once.*?```python\n(.*?)```", text, re.S).group(1)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["fast"]["0.weight"].shape == (25, 40, 1)
+    assert namespace["model"][0].weight.grad.abs().max() > 0
+    assert "meta-loss" in capsys.readouterr().out
