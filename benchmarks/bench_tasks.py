@@ -276,7 +276,9 @@ def report(case: Case, times: dict[str, tuple[float, float]], diffs: dict[str, f
     if peers:
         ours = times["ng.train tasks"][0]
         lines.append("")
-        lines.append(f"`ng.train tasks` is {min(peers) / ours:.1f}x faster than the fastest peer.")
+        ratio = min(peers) / ours
+        verdict = f"{ratio:.1f}x faster than" if ratio >= 1 else f"{1 / ratio:.1f}x slower than"
+        lines.append(f"`ng.train tasks` is {verdict} the fastest peer (CPU time).")
     for name, why in skipped.items():
         lines.append(f"{name} skipped: {why}")
     return "\n".join(lines)
