@@ -78,23 +78,83 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import optim as _optim
+from . import optim, patch
 from .optim import (
-    _TORCH_TO_NG,
-    _UNSUPPORTED,
     DifferentiableOptimizer,
     Override,
-    _carry_state,
-    _from_nestgrad,
-    _from_torch,
+    apply_trainable_opt_params,
+    create_diff_optim,
+    get_diff_optim,
+    get_trainable_opt_params,
+    register_optim,
 )
-from .patch import FunctionalModel, _copy
+from .patch import FunctionalModel
 
-__all__ = ["DifferentiableOptimizer", "FunctionalModel", "innerloop_ctx"]
+try:  # the higher-style utilities (flatten, ...), when present
+    from . import utils
+except ImportError:  # pragma: no cover
+    utils = None  # type: ignore[assignment]
+
+__all__ = [
+    "DifferentiableOptimizer",
+    "FunctionalModel",
+    "apply_trainable_opt_params",
+    "create_diff_optim",
+    "get_diff_optim",
+    "get_trainable_opt_params",
+    "innerloop_ctx",
+    "monkeypatch",
+    "optim",
+    "patch",
+    "register_optim",
+    "utils",
+]
+
+
+def _functional(
+    model: nn.Module | FunctionalModel,
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    track_higher_grads: bool,
+) -> FunctionalModel:
+    """An fmodel of ``model`` (an ``nn.Module``, or the fmodel of an enclosing loop: nesting)."""
+    if isinstance(model, FunctionalModel):
+        module, start, own_buffers, training = model.module, model.fast_params, model._buffers, model._training
+    elif isinstance(model, nn.Module):
+        module, start, training = model, list(model.parameters()), None
+        own_buffers = dict(model.named_buffers())
+    else:
+        raise TypeError(
+            f"nestgrad.higher: model must be an nn.Module or the fmodel of another innerloop_ctx; "
+            f"got {type(model).__name__}."
+        )
+    if copy_initial_weights:
+        params = [p.detach().to(device=device, copy=True).requires_grad_(p.requires_grad) for p in start]
+    else:
+        params = [p if device is None else p.to(device) for p in start]
+    buffers = {k: b.detach().to(device=device, copy=True) for k, b in own_buffers.items()}
+    return FunctionalModel(module, params, buffers, track_higher_grads, training)
+
+
+def monkeypatch(
+    module: nn.Module,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    track_higher_grads: bool = True,
+) -> Any:
+    """A functional version of ``module`` with its own fast weights (see :mod:`nestgrad.higher.patch`)."""
+    build = getattr(patch, "monkeypatch", None)
+    if build is not None:
+        return build(
+            module, device=device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+        )
+    return _functional(module, device, copy_initial_weights, track_higher_grads)
 
 
 @contextmanager
@@ -105,16 +165,16 @@ def innerloop_ctx(
     copy_initial_weights: bool = True,
     override: Override | None = None,
     track_higher_grads: bool = True,
-) -> Iterator[tuple[FunctionalModel, DifferentiableOptimizer]]:
-    """A context manager for differentiable inner loops, with ``higher``'s signature.
+) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
+    """A context manager for differentiable inner loops: ``monkeypatch(model)`` and ``get_diff_optim(opt)``.
 
     Args:
         model: the ``nn.Module`` to train, or the ``fmodel`` of an enclosing ``innerloop_ctx``
             (the inner loop then starts from its current fast weights).
         opt: a ``torch.optim`` optimizer over ``model``'s parameters (SGD, Adam, AdamW,
-            RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam, Rprop or ASGD), whose param
-            groups, hyperparameters and state are copied; or a :mod:`nestgrad.optim`
-            optimizer, which updates every parameter.
+            RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam, Rprop, ASGD, or a type added
+            with :func:`register_optim`), whose param groups, hyperparameters and state are
+            copied; or a :mod:`nestgrad.optim` optimizer.
         device: where to put the fast weights, buffers and optimizer state (default: where
             the model's are).
         copy_initial_weights: start from detached copies of the weights (``True``, no gradient
@@ -125,7 +185,7 @@ def innerloop_ctx(
             fast weights detached after each step).
 
     Yields:
-        ``(fmodel, diffopt)``: a :class:`FunctionalModel` and a :class:`DifferentiableOptimizer`.
+        ``(fmodel, diffopt)``: the functional model and a :class:`DifferentiableOptimizer`.
 
     Example:
         >>> lr = torch.tensor(0.1, requires_grad=True)
@@ -135,38 +195,15 @@ def innerloop_ctx(
         ...     val_loss = loss_fn(fmodel(x_val), y_val)
         >>> (lr_grad,) = torch.autograd.grad(val_loss, lr)
     """
-    if isinstance(model, FunctionalModel):
-        module, start, own_buffers, training = model.module, model.fast_params, model._buffers, model._training
-    elif isinstance(model, nn.Module):
-        module, start, training = model, list(model.parameters()), None
-        own_buffers = dict(model.named_buffers())
-    else:
-        raise TypeError(
-            f"nestgrad.higher.innerloop_ctx: model must be an nn.Module or the fmodel of another "
-            f"innerloop_ctx; got {type(model).__name__}."
+    if isinstance(model, nn.Module):
+        fmodel = monkeypatch(
+            model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
         )
-    if copy_initial_weights:
-        params = [_copy(p, device).requires_grad_(p.requires_grad) for p in start]
+        reference = list(model.parameters())
     else:
-        params = [p if device is None else p.to(device) for p in start]
-    buffers = {k: _copy(b, device) for k, b in own_buffers.items()}
-    fmodel = FunctionalModel(module, params, buffers, track_higher_grads, training)
-    names = fmodel._names
-
-    if isinstance(opt, _optim.Optimizer):
-        cls, groups, source = _from_nestgrad(opt, names)
-        foreach = opt.foreach
-    elif type(opt) in _TORCH_TO_NG:
-        cls, groups, source = _from_torch(opt, module)
-        foreach = None
-    else:
-        supported = ", ".join(t.__name__ for t in _TORCH_TO_NG)
-        raise TypeError(_UNSUPPORTED.format(supported=supported, got=type(opt).__qualname__))
-    diffopt = DifferentiableOptimizer(fmodel, cls, groups, source, _optim.OptState({}, {}), track_higher_grads, foreach)
-    if override is not None:
-        diffopt._apply_override(override)
-    state = diffopt.optimizer.init(diffopt._tracked(params))
-    if isinstance(opt, torch.optim.Optimizer):
-        _carry_state(opt, module, state, device)
-    diffopt.state = state
+        fmodel = _functional(model, device, copy_initial_weights, track_higher_grads)
+        reference = list(model.module.parameters())
+    diffopt = get_diff_optim(
+        opt, reference, fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads
+    )
     yield fmodel, diffopt
