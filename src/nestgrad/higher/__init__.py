@@ -94,7 +94,7 @@ from .optim import (
     get_trainable_opt_params,
     register_optim,
 )
-from .patch import FunctionalModel
+from .patch import FunctionalModel, _Functional, monkeypatch
 
 try:  # the higher-style utilities (flatten, ...), when present
     from . import utils
@@ -115,46 +115,6 @@ __all__ = [
     "register_optim",
     "utils",
 ]
-
-
-def _functional(
-    model: nn.Module | FunctionalModel,
-    device: torch.device | str | None,
-    copy_initial_weights: bool,
-    track_higher_grads: bool,
-) -> FunctionalModel:
-    """An fmodel of ``model`` (an ``nn.Module``, or the fmodel of an enclosing loop: nesting)."""
-    if isinstance(model, FunctionalModel):
-        module, start, own_buffers, training = model.module, model.fast_params, model._buffers, model._training
-    elif isinstance(model, nn.Module):
-        module, start, training = model, list(model.parameters()), None
-        own_buffers = dict(model.named_buffers())
-    else:
-        raise TypeError(
-            f"nestgrad.higher: model must be an nn.Module or the fmodel of another innerloop_ctx; "
-            f"got {type(model).__name__}."
-        )
-    if copy_initial_weights:
-        params = [p.detach().to(device=device, copy=True).requires_grad_(p.requires_grad) for p in start]
-    else:
-        params = [p if device is None else p.to(device) for p in start]
-    buffers = {k: b.detach().to(device=device, copy=True) for k, b in own_buffers.items()}
-    return FunctionalModel(module, params, buffers, track_higher_grads, training)
-
-
-def monkeypatch(
-    module: nn.Module,
-    device: torch.device | str | None = None,
-    copy_initial_weights: bool = True,
-    track_higher_grads: bool = True,
-) -> Any:
-    """A functional version of ``module`` with its own fast weights (see :mod:`nestgrad.higher.patch`)."""
-    build = getattr(patch, "monkeypatch", None)
-    if build is not None:
-        return build(
-            module, device=device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
-        )
-    return _functional(module, device, copy_initial_weights, track_higher_grads)
 
 
 @contextmanager
@@ -195,14 +155,18 @@ def innerloop_ctx(
         ...     val_loss = loss_fn(fmodel(x_val), y_val)
         >>> (lr_grad,) = torch.autograd.grad(val_loss, lr)
     """
-    if isinstance(model, nn.Module):
-        fmodel = monkeypatch(
-            model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+    # The fmodel of an enclosing loop (nesting) is an nn.Module too: its optimizer is over the
+    # parameters of the module it runs.
+    base = model.module if isinstance(model, _Functional) else model
+    if not isinstance(base, nn.Module):
+        raise TypeError(
+            f"nestgrad.higher.innerloop_ctx: model must be an nn.Module or the fmodel of another "
+            f"innerloop_ctx; got {type(model).__name__}."
         )
-        reference = list(model.parameters())
-    else:
-        fmodel = _functional(model, device, copy_initial_weights, track_higher_grads)
-        reference = list(model.module.parameters())
+    fmodel = monkeypatch(
+        model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+    )
+    reference = list(base.parameters())
     diffopt = get_diff_optim(
         opt, reference, fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads
     )
