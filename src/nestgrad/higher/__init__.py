@@ -1,4 +1,4 @@
-r"""A drop-in for the ``higher`` library's ``innerloop_ctx``, built on :func:`nestgrad.call` and :mod:`nestgrad.optim`.
+r"""A drop-in for the ``higher`` library, built on :func:`nestgrad.call` and :mod:`nestgrad.optim`.
 
 Change one import and existing ``higher`` code runs on nestgrad::
 
@@ -10,12 +10,21 @@ Change one import and existing ``higher`` code runs on nestgrad::
         meta_loss = loss_fn(fmodel(x_query), y_query)
     meta_loss.backward()  # reaches model.parameters(), through every inner step
 
-``fmodel(*args, **kwargs)`` is ``nestgrad.call(model, fast_weights, *args, **kwargs)``, and
-``diffopt.step(loss)`` takes ``torch.autograd.grad(loss, fast_weights, create_graph=True)`` and
-applies the pure update of the :mod:`nestgrad.optim` twin of your ``torch.optim`` optimizer.
+What is provided, with ``higher``'s names and signatures: ``innerloop_ctx`` (which is
+``monkeypatch`` + ``get_diff_optim``, as in ``higher``), ``monkeypatch``, ``get_diff_optim``,
+``create_diff_optim``, ``register_optim`` and the submodules ``patch`` (functional models,
+``make_functional``, ``buffer_sync``), ``optim`` (:class:`~nestgrad.higher.optim.DifferentiableOptimizer`
+and ``DifferentiableSGD``, ``...Adam``, ``...AdamW``, ``...Adagrad``, ``...Adadelta``,
+``...Adamax``, ``...ASGD``, ``...RMSprop``, ``...Rprop``, ``...NAdam``, ``...RAdam``;
+``get_trainable_opt_params``, ``apply_trainable_opt_params``) and ``utils``. A user's optimizer
+is added as in ``higher``'s README: subclass ``DifferentiableOptimizer``, implement
+``_update(grouped_grads, **kwargs)``, and ``register_optim(MyOptimizer, MyDifferentiableOptimizer)``.
+``fmodel(*args, **kwargs)`` runs your module through :func:`nestgrad.call` with the fast weights,
+and ``diffopt.step(loss)`` takes ``torch.autograd.grad(loss, fast_weights, create_graph=True)``
+and applies the pure update of the :mod:`nestgrad.optim` twin of your ``torch.optim`` optimizer.
 
-Differences from ``higher`` 0.2.1
----------------------------------
+Differences from ``higher``
+---------------------------
 * **No monkeypatching.** ``higher`` builds a patched copy of every submodule, so forward hooks
   registered on your model never fire and outputs that models collect with hooks are lost:
   with transformers 5, ``fmodel(ids, output_hidden_states=True).hidden_states`` is ``None``
@@ -25,22 +34,32 @@ Differences from ``higher`` 0.2.1
   weights of an outer loop (``higher`` raises "Monkey-patching monkey-patched modules is
   untested"). With ``copy_initial_weights=False`` the inner loop is differentiable with
   respect to the outer fast weights, so an outer unroll can contain inner unrolls.
-* **Optimizers.** All of SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam,
-  Rprop and ASGD are mapped (``higher`` has no AdamW, NAdam or RAdam), with every flag of
-  ``torch.optim`` honoured (``maximize``, ``amsgrad``, ``nesterov``, ``centered``,
-  ``decoupled_weight_decay``; ``higher`` ignores several). The updates are ``torch.optim``'s,
-  step for step. Where ``higher`` masks gradients at a zero second moment, the Adam family and
-  RMSprop here add ``eps_root=1e-30`` inside the square root (see :class:`nestgrad.optim.Adam`),
-  which keeps meta-gradients finite and leaves the trajectory unchanged to float precision.
-  (``higher``'s Adam also adds ``eps`` before the bias correction, an older formula than
-  ``torch.optim.Adam``'s, so its trajectories differ from ``torch.optim``'s by about
-  ``eps / sqrt(1 - beta2**t)`` in the denominator; these match ``torch.optim``.)
-  A built-in :mod:`nestgrad.optim` optimizer may be passed instead of a ``torch.optim`` one.
+* **Optimizers match torch.optim.** The built-in differentiable optimizers run the
+  :mod:`nestgrad.optim` rules (one copy of the math), which match ``torch.optim`` step for step,
+  with every flag honoured (``maximize``, ``amsgrad``, ``nesterov``, ``centered``,
+  ``decoupled_weight_decay``; ``higher`` ignores several). AdamW (missing from ``higher`` 0.2.1),
+  NAdam and RAdam are added. ``higher``'s Adam adds ``eps`` before the bias correction (an older
+  formula than ``torch.optim.Adam``'s), so its trajectories differ from ``torch.optim``'s by about
+  ``eps / sqrt(1 - beta2**t)`` in the denominator; these do not. Where ``higher`` masks
+  gradients at a zero second moment, the Adam family and RMSprop add ``eps_root=1e-30`` inside
+  the square root (see :class:`nestgrad.optim.Adam`), which keeps meta-gradients finite and
+  leaves the trajectory unchanged to float precision; RMSprop's meta-gradients are correct, so
+  ``higher``'s warning about them is not raised. A :mod:`nestgrad.optim` optimizer may be
+  passed instead of a ``torch.optim`` one.
+* **SGD rounding.** ``DifferentiableSGD`` rounds ``p - lr * g`` as a product then a difference,
+  as ``higher`` and hand-written unrolls do, so it is bit-identical to them; ``torch.optim.SGD``
+  computes ``torch.add(p, g, alpha=-lr)``, rounded once (FMA), which differs in the last bit and,
+  in float32 through BatchNorm, can drift past ``higher``'s own tolerances over an unroll. For
+  ``torch.optim.SGD``'s rounding, pass ``nestgrad.optim.SGD(lr=...)`` as the optimizer.
+* **Loud errors.** An unsupported optimizer raises an error that is both a ``TypeError`` and
+  a ``ValueError`` (``higher`` raises ``ValueError``); an ``override`` of a hyperparameter the
+  optimizer does not have, a hyperparameter out of range, a non-scalar loss, a wrong number of
+  fast weights or of gradients returned by ``grad_callback`` raise with the fix.
+* ``get_trainable_opt_params`` leaves out flags (``amsgrad``, ``nesterov``, ...), which are not
+  trainable; ``higher`` turns them into tensors. Tensor hyperparameters are shared with the
+  ``torch.optim`` optimizer, not deep-copied, so gradients reach them.
 * ``copy_initial_weights=False``: the initial fast weights *are* ``model.parameters()``
   (``higher`` uses ``clone()`` of them); the gradients are the same.
-* ``fmodel.parameters()`` and ``fmodel.named_parameters()`` return lists, not iterators.
-* Not provided: ``higher.monkeypatch``, ``get_diff_optim``, ``create_diff_optim``,
-  ``register_optim`` and ``higher.patch``/``higher.utils``.
 
 As in ``higher``
 ----------------
@@ -52,8 +71,12 @@ As in ``higher``
   groups, or one per group); values may be Tensors that require grad. An override passed to
   ``step`` replaces the current value and stays in force for later steps.
 * The optimizer's existing state (momentum buffers, Adam's moments and step count, ...) is
-  copied, detached, into the inner loop; the ``torch.optim`` optimizer itself is never changed.
-  Parameters that the optimizer does not hold keep their initial value.
+  copied, detached, into ``diffopt.state`` (one dict per group, keyed by the position in the
+  group, with ``torch.optim``'s entry names); the ``torch.optim`` optimizer itself is never
+  changed. Entries of ``diffopt.state`` and values in ``diffopt.param_groups`` may be changed
+  between steps and take effect. Parameters that the optimizer does not hold keep their value.
+* ``grad_callback`` (at construction, or per ``step``) maps the list of gradients, in
+  ``model.parameters()`` order (``None`` for unused or frozen weights), before the update.
 * ``fmodel(x, params=fast_weights)`` runs with ``fast_weights``, which become the current ones.
 
 Second-order gradients and attention kernels
@@ -70,8 +93,7 @@ Buffers and BatchNorm
 ``fmodel`` owns copies of the model's buffers, taken when the context is entered. In train
 mode, BatchNorm normalises with batch statistics (differentiably) and updates the running
 statistics in place on those copies; the model's own buffers are never changed. In eval mode
-it reads them. ``fmodel.train()`` and ``fmodel.eval()`` set the mode for ``fmodel``'s calls
-only; until either is called, ``fmodel`` follows the model's own mode.
+it reads them. See :mod:`nestgrad.higher.patch` for ``fmodel.train()`` / ``fmodel.eval()``.
 """
 
 from __future__ import annotations
@@ -84,7 +106,7 @@ import torch
 from torch import nn
 
 from .. import optim as _optim
-from . import optim, patch
+from . import optim, patch, utils
 from .optim import (
     DifferentiableOptimizer,
     Override,
@@ -95,11 +117,6 @@ from .optim import (
     register_optim,
 )
 from .patch import FunctionalModel, _Functional, monkeypatch
-
-try:  # the higher-style utilities (flatten, ...), when present
-    from . import utils
-except ImportError:  # pragma: no cover
-    utils = None  # type: ignore[assignment]
 
 __all__ = [
     "DifferentiableOptimizer",
