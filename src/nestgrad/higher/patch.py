@@ -313,6 +313,8 @@ class FunctionalModel(_Functional):
     holds no copy of the module, only the list of fast weights (in ``module.parameters()``
     order), copies of its buffers and its own train/eval flags, taken from the module when it
     is created (as in ``higher``: a later ``model.eval()`` does not change ``fmodel``).
+    During a call the wrapped modules' ``training`` flags are set to ``fmodel``'s and restored
+    afterwards, so one module should not be run by two threads at once.
 
     Attributes:
         module: the wrapped ``nn.Module`` (never modified).
