@@ -1,4 +1,4 @@
-r"""A drop-in for the ``higher`` library's ``innerloop_ctx``, built on :func:`nestgrad.call` and :mod:`nestgrad.optim`.
+r"""A drop-in for the ``higher`` library, built on :func:`nestgrad.call` and :mod:`nestgrad.optim`.
 
 Change one import and existing ``higher`` code runs on nestgrad::
 
@@ -10,12 +10,21 @@ Change one import and existing ``higher`` code runs on nestgrad::
         meta_loss = loss_fn(fmodel(x_query), y_query)
     meta_loss.backward()  # reaches model.parameters(), through every inner step
 
-``fmodel(*args, **kwargs)`` is ``nestgrad.call(model, fast_weights, *args, **kwargs)``, and
-``diffopt.step(loss)`` takes ``torch.autograd.grad(loss, fast_weights, create_graph=True)`` and
-applies the pure update of the :mod:`nestgrad.optim` twin of your ``torch.optim`` optimizer.
+What is provided, with ``higher``'s names and signatures: ``innerloop_ctx`` (which is
+``monkeypatch`` + ``get_diff_optim``, as in ``higher``), ``monkeypatch``, ``get_diff_optim``,
+``create_diff_optim``, ``register_optim`` and the submodules ``patch`` (functional models,
+``make_functional``, ``buffer_sync``), ``optim`` (:class:`~nestgrad.higher.optim.DifferentiableOptimizer`
+and ``DifferentiableSGD``, ``...Adam``, ``...AdamW``, ``...Adagrad``, ``...Adadelta``,
+``...Adamax``, ``...ASGD``, ``...RMSprop``, ``...Rprop``, ``...NAdam``, ``...RAdam``;
+``get_trainable_opt_params``, ``apply_trainable_opt_params``) and ``utils``. A user's optimizer
+is added as in ``higher``'s README: subclass ``DifferentiableOptimizer``, implement
+``_update(grouped_grads, **kwargs)``, and ``register_optim(MyOptimizer, MyDifferentiableOptimizer)``.
+``fmodel(*args, **kwargs)`` runs your module through :func:`nestgrad.call` with the fast weights,
+and ``diffopt.step(loss)`` takes ``torch.autograd.grad(loss, fast_weights, create_graph=True)``
+and applies the pure update of the :mod:`nestgrad.optim` twin of your ``torch.optim`` optimizer.
 
-Differences from ``higher`` 0.2.1
----------------------------------
+Differences from ``higher``
+---------------------------
 * **No monkeypatching.** ``higher`` builds a patched copy of every submodule, so forward hooks
   registered on your model never fire and outputs that models collect with hooks are lost:
   with transformers 5, ``fmodel(ids, output_hidden_states=True).hidden_states`` is ``None``
@@ -25,22 +34,32 @@ Differences from ``higher`` 0.2.1
   weights of an outer loop (``higher`` raises "Monkey-patching monkey-patched modules is
   untested"). With ``copy_initial_weights=False`` the inner loop is differentiable with
   respect to the outer fast weights, so an outer unroll can contain inner unrolls.
-* **Optimizers.** All of SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam,
-  Rprop and ASGD are mapped (``higher`` has no AdamW, NAdam or RAdam), with every flag of
-  ``torch.optim`` honoured (``maximize``, ``amsgrad``, ``nesterov``, ``centered``,
-  ``decoupled_weight_decay``; ``higher`` ignores several). The updates are ``torch.optim``'s,
-  step for step. Where ``higher`` masks gradients at a zero second moment, the Adam family and
-  RMSprop here add ``eps_root=1e-30`` inside the square root (see :class:`nestgrad.optim.Adam`),
-  which keeps meta-gradients finite and leaves the trajectory unchanged to float precision.
-  (``higher``'s Adam also adds ``eps`` before the bias correction, an older formula than
-  ``torch.optim.Adam``'s, so its trajectories differ from ``torch.optim``'s by about
-  ``eps / sqrt(1 - beta2**t)`` in the denominator; these match ``torch.optim``.)
-  A built-in :mod:`nestgrad.optim` optimizer may be passed instead of a ``torch.optim`` one.
+* **Optimizers match torch.optim.** The built-in differentiable optimizers run the
+  :mod:`nestgrad.optim` rules (one copy of the math), which match ``torch.optim`` step for step,
+  with every flag honoured (``maximize``, ``amsgrad``, ``nesterov``, ``centered``,
+  ``decoupled_weight_decay``; ``higher`` ignores several). AdamW (missing from ``higher`` 0.2.1),
+  NAdam and RAdam are added. ``higher``'s Adam adds ``eps`` before the bias correction (an older
+  formula than ``torch.optim.Adam``'s), so its trajectories differ from ``torch.optim``'s by about
+  ``eps / sqrt(1 - beta2**t)`` in the denominator; these do not. Where ``higher`` masks
+  gradients at a zero second moment, the Adam family and RMSprop add ``eps_root=1e-30`` inside
+  the square root (see :class:`nestgrad.optim.Adam`), which keeps meta-gradients finite and
+  leaves the trajectory unchanged to float precision; RMSprop's meta-gradients are correct, so
+  ``higher``'s warning about them is not raised. A :mod:`nestgrad.optim` optimizer may be
+  passed instead of a ``torch.optim`` one.
+* **SGD rounding.** ``DifferentiableSGD`` rounds ``p - lr * g`` as a product then a difference,
+  as ``higher`` and hand-written unrolls do, so it is bit-identical to them; ``torch.optim.SGD``
+  computes ``torch.add(p, g, alpha=-lr)``, rounded once (FMA), which differs in the last bit and,
+  in float32 through BatchNorm, can drift past ``higher``'s own tolerances over an unroll. For
+  ``torch.optim.SGD``'s rounding, pass ``nestgrad.optim.SGD(lr=...)`` as the optimizer.
+* **Loud errors.** An unsupported optimizer raises an error that is both a ``TypeError`` and
+  a ``ValueError`` (``higher`` raises ``ValueError``); an ``override`` of a hyperparameter the
+  optimizer does not have, a hyperparameter out of range, a non-scalar loss, a wrong number of
+  fast weights or of gradients returned by ``grad_callback`` raise with the fix.
+* ``get_trainable_opt_params`` leaves out flags (``amsgrad``, ``nesterov``, ...), which are not
+  trainable; ``higher`` turns them into tensors. Tensor hyperparameters are shared with the
+  ``torch.optim`` optimizer, not deep-copied, so gradients reach them.
 * ``copy_initial_weights=False``: the initial fast weights *are* ``model.parameters()``
   (``higher`` uses ``clone()`` of them); the gradients are the same.
-* ``fmodel.parameters()`` and ``fmodel.named_parameters()`` return lists, not iterators.
-* Not provided: ``higher.monkeypatch``, ``get_diff_optim``, ``create_diff_optim``,
-  ``register_optim`` and ``higher.patch``/``higher.utils``.
 
 As in ``higher``
 ----------------
@@ -52,8 +71,12 @@ As in ``higher``
   groups, or one per group); values may be Tensors that require grad. An override passed to
   ``step`` replaces the current value and stays in force for later steps.
 * The optimizer's existing state (momentum buffers, Adam's moments and step count, ...) is
-  copied, detached, into the inner loop; the ``torch.optim`` optimizer itself is never changed.
-  Parameters that the optimizer does not hold keep their initial value.
+  copied, detached, into ``diffopt.state`` (one dict per group, keyed by the position in the
+  group, with ``torch.optim``'s entry names); the ``torch.optim`` optimizer itself is never
+  changed. Entries of ``diffopt.state`` and values in ``diffopt.param_groups`` may be changed
+  between steps and take effect. Parameters that the optimizer does not hold keep their value.
+* ``grad_callback`` (at construction, or per ``step``) maps the list of gradients, in
+  ``model.parameters()`` order (``None`` for unused or frozen weights), before the update.
 * ``fmodel(x, params=fast_weights)`` runs with ``fast_weights``, which become the current ones.
 
 Second-order gradients and attention kernels
@@ -70,31 +93,45 @@ Buffers and BatchNorm
 ``fmodel`` owns copies of the model's buffers, taken when the context is entered. In train
 mode, BatchNorm normalises with batch statistics (differentiably) and updates the running
 statistics in place on those copies; the model's own buffers are never changed. In eval mode
-it reads them. ``fmodel.train()`` and ``fmodel.eval()`` set the mode for ``fmodel``'s calls
-only; until either is called, ``fmodel`` follows the model's own mode.
+it reads them. See :mod:`nestgrad.higher.patch` for ``fmodel.train()`` / ``fmodel.eval()``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import optim as _optim
+from . import optim, patch, utils
 from .optim import (
-    _TORCH_TO_NG,
-    _UNSUPPORTED,
     DifferentiableOptimizer,
     Override,
-    _carry_state,
-    _from_nestgrad,
-    _from_torch,
+    apply_trainable_opt_params,
+    create_diff_optim,
+    get_diff_optim,
+    get_trainable_opt_params,
+    register_optim,
 )
-from .patch import FunctionalModel, _copy
+from .patch import FunctionalModel, _Functional, monkeypatch
 
-__all__ = ["DifferentiableOptimizer", "FunctionalModel", "innerloop_ctx"]
+__all__ = [
+    "DifferentiableOptimizer",
+    "FunctionalModel",
+    "apply_trainable_opt_params",
+    "create_diff_optim",
+    "get_diff_optim",
+    "get_trainable_opt_params",
+    "innerloop_ctx",
+    "monkeypatch",
+    "optim",
+    "patch",
+    "register_optim",
+    "utils",
+]
 
 
 @contextmanager
@@ -105,16 +142,16 @@ def innerloop_ctx(
     copy_initial_weights: bool = True,
     override: Override | None = None,
     track_higher_grads: bool = True,
-) -> Iterator[tuple[FunctionalModel, DifferentiableOptimizer]]:
-    """A context manager for differentiable inner loops, with ``higher``'s signature.
+) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
+    """A context manager for differentiable inner loops: ``monkeypatch(model)`` and ``get_diff_optim(opt)``.
 
     Args:
         model: the ``nn.Module`` to train, or the ``fmodel`` of an enclosing ``innerloop_ctx``
             (the inner loop then starts from its current fast weights).
         opt: a ``torch.optim`` optimizer over ``model``'s parameters (SGD, Adam, AdamW,
-            RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam, Rprop or ASGD), whose param
-            groups, hyperparameters and state are copied; or a :mod:`nestgrad.optim`
-            optimizer, which updates every parameter.
+            RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam, Rprop, ASGD, or a type added
+            with :func:`register_optim`), whose param groups, hyperparameters and state are
+            copied; or a :mod:`nestgrad.optim` optimizer.
         device: where to put the fast weights, buffers and optimizer state (default: where
             the model's are).
         copy_initial_weights: start from detached copies of the weights (``True``, no gradient
@@ -125,7 +162,7 @@ def innerloop_ctx(
             fast weights detached after each step).
 
     Yields:
-        ``(fmodel, diffopt)``: a :class:`FunctionalModel` and a :class:`DifferentiableOptimizer`.
+        ``(fmodel, diffopt)``: the functional model and a :class:`DifferentiableOptimizer`.
 
     Example:
         >>> lr = torch.tensor(0.1, requires_grad=True)
@@ -135,38 +172,19 @@ def innerloop_ctx(
         ...     val_loss = loss_fn(fmodel(x_val), y_val)
         >>> (lr_grad,) = torch.autograd.grad(val_loss, lr)
     """
-    if isinstance(model, FunctionalModel):
-        module, start, own_buffers, training = model.module, model.fast_params, model._buffers, model._training
-    elif isinstance(model, nn.Module):
-        module, start, training = model, list(model.parameters()), None
-        own_buffers = dict(model.named_buffers())
-    else:
+    # The fmodel of an enclosing loop (nesting) is an nn.Module too: its optimizer is over the
+    # parameters of the module it runs.
+    base = model.module if isinstance(model, _Functional) else model
+    if not isinstance(base, nn.Module):
         raise TypeError(
             f"nestgrad.higher.innerloop_ctx: model must be an nn.Module or the fmodel of another "
             f"innerloop_ctx; got {type(model).__name__}."
         )
-    if copy_initial_weights:
-        params = [_copy(p, device).requires_grad_(p.requires_grad) for p in start]
-    else:
-        params = [p if device is None else p.to(device) for p in start]
-    buffers = {k: _copy(b, device) for k, b in own_buffers.items()}
-    fmodel = FunctionalModel(module, params, buffers, track_higher_grads, training)
-    names = fmodel._names
-
-    if isinstance(opt, _optim.Optimizer):
-        cls, groups, source = _from_nestgrad(opt, names)
-        foreach = opt.foreach
-    elif type(opt) in _TORCH_TO_NG:
-        cls, groups, source = _from_torch(opt, module)
-        foreach = None
-    else:
-        supported = ", ".join(t.__name__ for t in _TORCH_TO_NG)
-        raise TypeError(_UNSUPPORTED.format(supported=supported, got=type(opt).__qualname__))
-    diffopt = DifferentiableOptimizer(fmodel, cls, groups, source, _optim.OptState({}, {}), track_higher_grads, foreach)
-    if override is not None:
-        diffopt._apply_override(override)
-    state = diffopt.optimizer.init(diffopt._tracked(params))
-    if isinstance(opt, torch.optim.Optimizer):
-        _carry_state(opt, module, state, device)
-    diffopt.state = state
+    fmodel = monkeypatch(
+        model, device, copy_initial_weights=copy_initial_weights, track_higher_grads=track_higher_grads
+    )
+    reference = list(base.parameters())
+    diffopt = get_diff_optim(
+        opt, reference, fmodel=fmodel, device=device, override=override, track_higher_grads=track_higher_grads
+    )
     yield fmodel, diffopt

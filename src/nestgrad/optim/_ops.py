@@ -160,4 +160,24 @@ class PerTensor:
         return [torch.maximum(x, y) for x, y in zip(xs, ys, strict=True)]
 
 
+class Unfused:
+    """A back end's ops, with ``add(xs, ys, alpha)`` computed as ``xs + ys * alpha``: two roundings.
+
+    ``torch.add(x, y, alpha=a)`` rounds ``x + a * y`` once where the CPU has FMA; a
+    hand-written ``x + a * y`` (or ``p - lr * g``) rounds the product first. Same math, last-bit
+    differences. Every other op is the wrapped back end's.
+    """
+
+    def __init__(self, ops: Ops) -> None:
+        self._ops = ops
+
+    def add(self, xs: Tensors, ys: Tensors, alpha: Scalar = 1) -> Tensors:
+        if not isinstance(alpha, Tensor) and alpha == 1:
+            return self._ops.add(xs, ys)
+        return self._ops.add(xs, self._ops.mul(ys, alpha))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ops, name)
+
+
 Ops = type[Foreach] | type[PerTensor]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._base import Hparam, Optimizer, Slots
-from ._ops import Ops, is_zero
+from ._ops import Ops, Unfused, is_zero
 
 
 class SGD(Optimizer):
@@ -27,6 +27,11 @@ class SGD(Optimizer):
         weight_decay: L2 penalty :math:`\lambda`.
         nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         maximize: ascend instead of descend.
+        unfused_add: compute each scaled sum :math:`x + a\,y` as a product then a sum (two
+            roundings), as hand-written updates such as ``p - lr * g`` and the ``higher``
+            library do, instead of ``torch.add(x, y, alpha=a)``, which ``torch.optim.SGD``
+            uses and which CPUs with FMA round once. The math is the same; the results differ
+            in the last bit, which only matters for bit-for-bit comparisons with such code.
         groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
 
     Example:
@@ -47,10 +52,16 @@ class SGD(Optimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        unfused_add: bool = False,
         groups: Sequence[Mapping[str, Any]] | None = None,
         foreach: bool | None = None,
         **unknown: Any,
     ) -> None:
+        if not isinstance(unfused_add, bool):
+            raise TypeError(
+                f"SGD: unfused_add must be True or False; got {type(unfused_add).__name__} {unfused_add!r}."
+            )
+        self.unfused_add = unfused_add
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize,
@@ -68,6 +79,8 @@ class SGD(Optimizer):
         self, ops: Ops, step: int, ps: list[Tensor], gs: list[Tensor], slots: Slots, hp: dict[str, Any]
     ) -> tuple[list[Tensor], Slots]:
         momentum = hp["momentum"]
+        if self.unfused_add:
+            ops = Unfused(ops)  # type: ignore[assignment]
         if hp["maximize"]:
             gs = ops.neg(gs)
         if not is_zero(hp["weight_decay"]):
