@@ -13,10 +13,12 @@ per step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import Variable
 
 #: Steps between two host reads of the accumulated flags on an accelerator.
 CHECK_EVERY = 32
@@ -62,6 +64,48 @@ def any_nonfinite(tensors: Sequence[Tensor | None]) -> bool:
     """Whether some element of ``tensors`` is NaN or inf: the fast check, confirmed exactly on alarm."""
     present = [x for x in tensors if x is not None]
     return not bool(finite(present)) and not all_finite(present)
+
+
+def watch_gradients(tensors: Sequence[Tensor], fn: Callable[[list[Tensor | None]], None]) -> None:
+    """Call ``fn(grads)`` at the end of every backward pass that computes a gradient for some of ``tensors``.
+
+    ``grads`` has one entry per tensor: its gradient in that pass, or ``None`` where the pass
+    computed none. This is ``torch.autograd.graph.register_multi_grad_hook(tensors, fn)`` without
+    its reference cycle: torch's hooks hold the tensors' autograd nodes, which hold the hooks, so
+    every graph watched that way (with all its saved tensors) lived until Python's cycle collector
+    ran, and that collector's passes cost more than the training run itself on small problems
+    (about 1 ms per call on the sinusoid MAML task of ``benchmarks/bench_overhead.py``). Here each
+    tensor's hook holds only ``fn`` and a buffer keyed by the backward pass (graph task); the first
+    hook of a pass queues an engine callback, which runs once every gradient of the pass has been
+    computed and passes the buffer to ``fn``. An exception from ``fn`` propagates out of
+    ``backward()`` / ``torch.autograd.grad()`` unchanged.
+
+    ``fn`` must not hold ``tensors`` (nor anything that holds their graph), or the cycle is back.
+    """
+    n = len(tensors)
+    pending: dict[int, list[Tensor | None]] = {}
+    lock = threading.Lock()  # engines of different devices may run hooks in several threads
+
+    def hook(i: int) -> Callable[[Tensor], None]:
+        def inner(grad: Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            with lock:
+                grads = pending.get(task)
+                if grads is None:
+                    grads = pending[task] = [None] * n
+
+                    def done() -> None:
+                        with lock:
+                            got = pending.pop(task)
+                        fn(got)
+
+                    Variable._execution_engine.queue_callback(done)
+            grads[i] = grad
+
+        return inner
+
+    for i, x in enumerate(tensors):
+        x.register_hook(hook(i))
 
 
 def bad_names(named: Mapping[str, Tensor | None] | Iterable[tuple[str, Tensor | None]]) -> list[str]:

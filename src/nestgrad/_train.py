@@ -199,7 +199,8 @@ class Problem:
         else:
             leaves, spec = pytree.tree_flatten(self.hparams)
             hparams, n = pytree.tree_unflatten(list(tensors[: len(leaves)]), spec), len(leaves)
-        optimizer = self.optimizer.with_tensors(tensors[n:])
+        rest = tensors[n:]  # the optimizer's: none is common, and then it is the same optimizer
+        optimizer = self.optimizer.with_tensors(rest) if len(rest) else self.optimizer
         return dataclasses.replace(self, hparams=hparams, optimizer=optimizer)
 
     def loss(self, params: dict[str, Tensor], t: int, hparams: Any = None, math_sdpa: bool = True) -> Tensor:
