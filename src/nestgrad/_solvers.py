@@ -383,11 +383,25 @@ def _richardson(
 
 
 def _dot(xs: Tensors, ys: Tensors) -> float:
-    """:math:`\\sum_i \\langle x_i, y_i\\rangle`, accumulated in float64, as a Python float."""
+    """:math:`\\sum_i \\langle x_i, y_i\\rangle`, accumulated in float64, as a Python float (one host read).
+
+    Called a few times per solver iteration, so it costs one kernel per tensor pair (a float64
+    ``dot``; float32 and lower products summed in float64) and, for several tensors, one stack
+    and sum on the first tensor's device: no Python ``sum`` of tensors, no read per tensor.
+    """
     if not xs:
         return 0.0
+    if len(xs) == 1:
+        return float(_dot1(xs[0], ys[0]))
     device = xs[0].device
-    return float(sum(torch.sum(x * y, dtype=torch.float64).to(device) for x, y in zip(xs, ys)))
+    return float(torch.stack([_dot1(x, y).to(device) for x, y in zip(xs, ys)]).sum())
+
+
+def _dot1(x: Tensor, y: Tensor) -> Tensor:
+    """``<x, y>`` as a 0-dim float64 Tensor on ``x``'s device."""
+    if x.dtype is torch.float64 and y.dtype is torch.float64:
+        return torch.dot(x.reshape(-1), y.reshape(-1))
+    return torch.sum(x * y, dtype=torch.float64)
 
 
 def _norm(b: Tensors, name: str) -> float:
