@@ -13,6 +13,7 @@ per step.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -41,17 +42,39 @@ def finite(tensors: Sequence[Tensor]) -> Tensor:
     On the CPU, one fused L2 norm per tensor (13x faster there than the infinity norm: 18 against
     230 us for the benchmark MLP's weights): NaN and inf always reach it, but a finite tensor with
     entries near the dtype's limit can overflow it, so False is only an alarm, which
-    :func:`all_finite` confirms exactly before anything is raised. On an accelerator, where the
-    flag is read later, the infinity norm: exact.
+    :func:`all_finite` confirms exactly before anything is raised. There is no sync to avoid on the
+    CPU, so the norms are read and summed in Python (:func:`finite_now`) and the flag is one of two
+    constant tensors. On an accelerator, where the flag is read later, the infinity norm: exact.
     """
     floats = [x.detach() for x in tensors if x.is_floating_point() or x.is_complex()]
     if not floats:
-        return torch.ones((), dtype=torch.bool)
+        return _TRUE
+    if floats[0].device.type == "cpu":
+        return _TRUE if _finite_norms(floats) else _FALSE
     with torch.no_grad():
-        if floats[0].device.type != "cpu":  # exact where the flag is not read at once (no false alarm)
-            return torch.stack(torch._foreach_norm(floats, ord=float("inf"))).isfinite().all()
-        norms = torch._foreach_norm(floats)
-        return (torch.stack(norms).sum() if len(norms) > 1 else norms[0]).isfinite()
+        return torch.stack(torch._foreach_norm(floats, ord=float("inf"))).isfinite().all()
+
+
+_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # the CPU flags: never written
+
+
+def _finite_norms(floats: list[Tensor]) -> bool:
+    """Whether the L2 norms of ``floats`` (detached, on the CPU) are finite, summed in float64 on the host."""
+    return math.isfinite(sum(n.item() for n in torch._foreach_norm(floats)))
+
+
+def finite_now(tensors: Sequence[Tensor]) -> bool:
+    """:func:`finite`, read at once (one sync off the CPU); False is an alarm for :func:`all_finite`.
+
+    On small CPU tensors the flag costs about a third of ``bool`` of the stacked norms' sum
+    (2.4 against 7.4 us for one tensor, 11 against 21 us for a small MLP's seven).
+    """
+    floats = [x.detach() for x in tensors if x.is_floating_point() or x.is_complex()]
+    if not floats:
+        return True
+    if floats[0].device.type == "cpu":
+        return _finite_norms(floats)
+    return bool(finite(floats))
 
 
 def all_finite(tensors: Sequence[Tensor | None]) -> bool:
@@ -63,7 +86,7 @@ def all_finite(tensors: Sequence[Tensor | None]) -> bool:
 def any_nonfinite(tensors: Sequence[Tensor | None]) -> bool:
     """Whether some element of ``tensors`` is NaN or inf: the fast check, confirmed exactly on alarm."""
     present = [x for x in tensors if x is not None]
-    return not bool(finite(present)) and not all_finite(present)
+    return not finite_now(present) and not all_finite(present)
 
 
 def watch_gradients(tensors: Sequence[Tensor], fn: Callable[[list[Tensor | None]], None]) -> None:
