@@ -52,12 +52,13 @@ from torch.func import functional_call
 import nestgrad as ng
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unroll import machine  # noqa: E402
+from bench_unroll import machine
 
 # ----------------------------------------------------------------------------- (a) ridge, Implicit(CG)
 N_FEATURES = 100
 N_EXAMPLES = 200
 CG_TOL = 4e-6  # 31 iterations
+X = "\N{MULTIPLICATION SIGN}"
 
 
 class Ridge:
@@ -164,7 +165,10 @@ class Sinusoid:
 
 # ----------------------------------------------------------------------------- timing
 def _rounds(
-    variants: dict[str, Callable[[], Any]], rounds: int, repeats: int, inputs: dict[str, Callable[[], Any]] | None = None
+    variants: dict[str, Callable[..., Any]],
+    rounds: int,
+    repeats: int,
+    inputs: dict[str, Callable[[], Any]] | None = None,
 ) -> dict[str, list[float]]:
     """CPU seconds per call of each variant: ``rounds`` rounds, each variant once per round (rotated order),
     ``repeats`` calls per sample. A variant named in ``inputs`` is called on ``repeats`` fresh inputs made
@@ -288,8 +292,9 @@ def report_ridge(ridge: dict[str, Any]) -> None:
     )
     print("| variant | ms per hypergradient | ratio |")
     print("|---|--:|--:|")
-    print(f"| hand-written CG on `autograd.grad` HVPs | {med['hand'] * 1e3:.2f} | 1.00× |")
-    print(f"| `ng.Implicit(ng.CG(...))` backward | {med['nestgrad'] * 1e3:.2f} | **{ratio:.2f}×** ({lo:.2f}-{hi:.2f}) |")
+    times = f"**{ratio:.2f}{X}** ({lo:.2f}-{hi:.2f})"
+    print(f"| hand-written CG on `autograd.grad` HVPs | {med['hand'] * 1e3:.2f} | 1.00{X} |")
+    print(f"| `ng.Implicit(ng.CG(...))` backward | {med['nestgrad'] * 1e3:.2f} | {times} |")
     print(f"| (`ng.train`, 1 step, untimed above) | {med['train'] * 1e3:.2f} | |\n")
 
 

@@ -467,8 +467,10 @@ class _Lists:
 def _space(b: Tensors) -> Any:
     """:class:`_Flat` when ``b``'s tensors share one floating dtype and one device, else :class:`_Lists`."""
     first = b[0] if b else None
-    if first is not None and first.is_floating_point() and all(
-        t.dtype is first.dtype and t.device == first.device for t in b
+    if (
+        first is not None
+        and first.is_floating_point()
+        and all(t.dtype is first.dtype and t.device == first.device for t in b)
     ):
         return _Flat(b)
     return _Lists()
