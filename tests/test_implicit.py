@@ -177,6 +177,17 @@ def test_backward_costs_k_plus_2_gradient_evaluations_whatever_the_number_of_ste
         return Ridge.loss_fn(p, batch, lam)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    # Implicit's products call the engine as torch.autograd.grad does: count those calls too.
+    import nestgrad._implicit as implicit_module
+
+    engine = implicit_module._ENGINE
+    assert engine is not None
+
+    def counting_engine(*args, **kwargs):
+        calls["grad"] += 1
+        return engine(*args, **kwargs)
+
+    monkeypatch.setattr(implicit_module, "_ENGINE", counting_engine)
     for steps in (100, 400):
         for solver in (CG(tol=1e-10), FixedPoint(tol=1e-10)):
             log = []
@@ -471,3 +482,39 @@ def test_solvers_reject_bad_right_hand_sides_and_matvecs():
         CG()(lambda x: x[:1], torch.ones(2))
     with pytest.raises(ValueError, match=r"contains NaN or inf"):
         FixedPoint()(lambda x: x, torch.tensor([1.0, math.nan]))
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_solvers_handle_mixed_dtypes_and_a_matvec_in_another_dtype(solver):
+    """Mixed dtypes iterate on lists; a matvec result in another dtype is cast to b's: both still solve."""
+    A, b = spd()
+    split = lambda v: [v[:3].float(), v[3:]]  # noqa: E731  (float32 and float64)
+    matvec = lambda x: split(A @ torch.cat([t.double() for t in x]))  # noqa: E731
+    solution = solver(matvec, split(b))
+    assert [t.dtype for t in solution.value] == [torch.float32, torch.float64]
+    x = torch.cat([t.double() for t in solution.value])
+    assert rel(x, torch.linalg.solve(A, b)) <= 1e-6  # the float32 part limits it
+    # One float64 vector whose matvec answers in float32: the iteration stays in float64.
+    solution = solver(lambda x: (A @ x).float(), b)
+    assert solution.value.dtype == torch.float64
+    assert rel(solution.value, torch.linalg.solve(A, b)) <= 1e-6
+
+
+def test_vjp_fast_path_equals_torch_autograd_grad_and_falls_back_for_anything_else():
+    from nestgrad._implicit import _vjp
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, generator=g, requires_grad=True)
+    u = torch.randn(3, generator=g, requires_grad=True)
+    unused = torch.randn(2, requires_grad=True)
+    (gw,) = torch.autograd.grad((w**3).sum() + (w[:3] * u).sum(), w, create_graph=True)
+    v = torch.randn(5, generator=g)
+    got = _vjp([gw], [w, u, unused], [v])
+    want = torch.autograd.grad(gw, [w, u, unused], v, retain_graph=True, allow_unused=True, materialize_grads=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(got[2], torch.zeros(2))  # unconnected: zeros
+    # A cotangent of another shape takes torch.autograd.grad, and its error.
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):
+        _vjp([gw], [w], [torch.ones(4)])
+    # An output that does not require grad contributes nothing.
+    assert torch.equal(_vjp([gw, torch.ones(2)], [u], [v, torch.ones(2)])[0], want[1])

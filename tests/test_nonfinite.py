@@ -255,3 +255,64 @@ def test_unroll_runs_are_freed_after_backward(check_finite):
     del w
     gc.collect()
     assert trained() is None
+
+
+@pytest.mark.parametrize("backward", [True, False], ids=["after-backward", "never-differentiated"])
+def test_unroll_runs_are_freed_without_the_cycle_collector(backward):
+    """No reference cycle through the run's graph: it dies with its last reference, gc off.
+
+    torch's register_multi_grad_hook makes one (its hooks hold the nodes that hold them), so every
+    Unroll call waited for the cycle collector: ~1 ms per call on small problems, and the graph's
+    memory held until then.
+    """
+    import gc
+    import weakref
+
+    x, y = regression()
+    A = torch.ones(20, requires_grad=True)
+    w0 = {"w": torch.zeros(3, requires_grad=True)}
+    saved = []  # weak references to a tensor that each step's graph saves (the residual, for pow's backward)
+
+    def loss_fn(p, batch, A):
+        r = x @ p["w"] - y
+        saved.append(weakref.ref(r))
+        return (A * r**2).mean()
+
+    gc.collect()
+    gc.disable()
+    try:
+        w = ng.train(loss_fn, w0, ng.optim.SGD(lr=0.1), [(x, y)], steps=3, hparams=A)
+        if backward:
+            torch.autograd.grad((w["w"] ** 2).sum(), A, retain_graph=True)
+        assert len(saved) == 3 and all(r() is not None for r in saved)  # held by the graph
+        del w
+        assert all(r() is None for r in saved)
+    finally:
+        gc.enable()
+
+
+def test_watch_gradients_passes_every_gradient_of_a_pass_once_and_none_for_the_others():
+    from nestgrad._nonfinite import watch_gradients
+
+    a = torch.randn(3, requires_grad=True)
+    b = torch.randn(2, requires_grad=True)
+    va, vb, unused = a.view_as(a), b.view_as(b), a.view_as(a)
+    calls = []
+    watch_gradients([va, vb, unused], calls.append)
+    loss = (va * 2).sum() + (vb**2).sum()
+    torch.autograd.grad(loss, [a, b], retain_graph=True)
+    assert len(calls) == 1
+    torch.testing.assert_close(calls[0][0], torch.full((3,), 2.0))
+    torch.testing.assert_close(calls[0][1], 2 * b.detach())
+    assert calls[0][2] is None
+    torch.autograd.grad(loss, [a])  # a second pass that needs va only: a second call, vb's entry None
+    assert len(calls) == 2 and calls[1][1] is None and calls[1][2] is None
+
+    def refuse(grads):
+        raise ng.NonFiniteError("named")
+
+    c = torch.randn(2, requires_grad=True)
+    vc = c.view_as(c)
+    watch_gradients([vc], refuse)
+    with pytest.raises(ng.NonFiniteError, match="named"):
+        torch.autograd.grad(vc.sum(), c)

@@ -193,3 +193,55 @@ def test_every_pair_of_exact_methods_gives_the_finite_difference_gradient(chain_
     (grad,) = torch.autograd.grad(chain.outer(chain.A, EXACT[m1](), EXACT[m2]()), chain.A)
     assert abs(fd) > 1e-4
     assert abs((grad @ v).item() - fd) <= 1e-6 * abs(fd)
+
+
+# ------------------------------------------------------------ against a hand-written implicit hypergradient
+def hand_written_implicit(loss, val, w_trained, lam, iterations):
+    """Plain torch: CG on Hessian-vector products of the training loss at the trained weights, then one VJP."""
+    w = w_trained.detach().requires_grad_()
+    lam = lam.detach().requires_grad_()
+    (v,) = torch.autograd.grad(val(w), w)
+    (g,) = torch.autograd.grad(loss({"w": w}, None, lam), w, create_graph=True)
+    x, r = torch.zeros_like(v), v.clone()
+    p, rr = r.clone(), r @ r
+    for _ in range(iterations):
+        (Ap,) = torch.autograd.grad(g, w, p, retain_graph=True)
+        a = rr / (p @ Ap)
+        x, r = x + a * p, r - a * Ap
+        rr_next = r @ r
+        p, rr = r + (rr_next / rr) * p, rr_next
+    (dlam,) = torch.autograd.grad(g, lam, x)
+    return -dlam
+
+
+@pytest.mark.parametrize(("tol", "agree"), [(1e-12, 1e-10), (1e-6, 1e-8)])
+def test_implicit_cg_equals_the_hand_written_implicit_hypergradient_per_feature(tol, agree):
+    """100 hparams (one log ridge penalty per feature), float64: the same iterations give the same answer.
+
+    To 1e-10 when both solves converge; a solve stopped at 1e-6 is a truncated CG iterate, which
+    carries the rounding of its dot products (summed in another order) amplified by the iteration.
+    """
+    g = torch.Generator().manual_seed(5)
+    n, d = 200, 100
+    X = torch.randn(n, d, generator=g) * torch.linspace(0.3, 1.5, d)
+    y = X @ torch.randn(d, generator=g) + 0.5 * torch.randn(n, generator=g)
+    Xv, yv = torch.randn(n, d, generator=g), torch.randn(n, generator=g)
+    lam = torch.full((d,), math.log(0.1), requires_grad=True)
+
+    def loss(p, batch, lam):
+        r = X @ p["w"] - y
+        return (r @ r) / (2 * n) + (lam.exp() * p["w"].square()).sum() / 2
+
+    def val(w):
+        return ((Xv @ w - yv) ** 2).mean() / 2
+
+    H = X.T @ X / n + torch.diag(lam.detach().exp())
+    w_star = torch.linalg.solve(H, X.T @ y / n)
+    log = []
+    method = ng.Implicit(ng.CG(max_steps=200, tol=tol), on_solve=log.append)
+    out = ng.train(loss, {"w": w_star.clone().requires_grad_()}, ng.optim.SGD(lr=0.1), [None], steps=1,
+                   hparams=lam, method=method)  # fmt: skip
+    (got,) = torch.autograd.grad(val(out["w"]), lam)
+    assert log[-1].converged and log[-1].steps > 10
+    want = hand_written_implicit(loss, val, out["w"], lam, log[-1].steps)
+    assert float((got - want).abs().max() / want.abs().max()) <= agree

@@ -156,20 +156,24 @@ class _Fingerprints:
         key, values = self._print(batch)
         row = self.index.get(t)
         if row is None:  # the first read of step t, in training
-            if self.values is None:
-                self.values = torch.empty((self.rows, 2), dtype=torch.int64, device=values.device)
             row = self.index[t] = len(self.keys)
             self.keys.append(key)
-            self.values[row].copy_(values)
+            if values is not None:
+                if self.values is None:
+                    self.values = torch.empty((self.rows, 2), dtype=torch.int64, device=values.device)
+                self.values[row].copy_(values)
             return
         if key != self.keys[row]:
             what = "its structure, shapes or dtypes differ"
             raise ReplayError(_BATCH_DIFFERS.format(source=source(), t=t, what=what))
+        if values is None:  # no Tensor elements: the structure and the other leaves, in the key, are the batch
+            return
         assert self.values is not None
         if not torch.equal(self.values[row], values.to(self.values.device)):
             raise ReplayError(_BATCH_DIFFERS.format(source=source(), t=t, what="the values of its Tensors differ"))
 
-    def _print(self, batch: Any) -> tuple[int, Tensor]:
+    def _print(self, batch: Any) -> tuple[int, Tensor | None]:
+        """The hash of the structure, and the two sums (``None`` when no Tensor has an element)."""
         leaves, spec = pytree.tree_flatten(batch)
         shape: list[Any] = [spec]
         sums: list[Tensor] = []
@@ -183,7 +187,7 @@ class _Fingerprints:
             else:
                 shape.append(x if isinstance(x, (int, float, str, bool, type(None))) else type(x))
         if not sums:
-            return hash(tuple(shape)), torch.zeros(2, dtype=torch.int64)
+            return hash(tuple(shape)), None
         device = sums[0].device
         stacked = torch.stack([v if v.device == device else v.to(device) for v in sums]).view(-1, 2)
         key = (device, tuple(positions))

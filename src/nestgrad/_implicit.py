@@ -260,15 +260,38 @@ class Implicit(AdjointMethod):
 
 
 def _vjp(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor]) -> list[Tensor]:
-    """``Σ_i cotangents[i] · ∂outputs[i]/∂inputs``, keeping the graph; zeros where unconnected."""
+    """``Σ_i cotangents[i] · ∂outputs[i]/∂inputs``, keeping the graph; zeros where unconnected.
+
+    Called once per solver iteration. For plain tensors whose cotangents match their outputs'
+    shape, dtype and device (always, here), it runs the autograd engine as ``torch.autograd.grad``
+    does, without that function's argument handling (``_make_grads`` compares shapes symbolically:
+    about 6 us of the 38 us of a Hessian-vector product with 100 weights). Anything else takes
+    ``torch.autograd.grad`` itself, with its checks and errors.
+    """
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     if not pairs or not inputs:
         return [torch.zeros_like(x) for x in inputs]
-    got = torch.autograd.grad(
-        [o for o, _ in pairs], inputs, [c for _, c in pairs], retain_graph=True, allow_unused=True,
-        materialize_grads=True,
-    )  # fmt: skip
-    return list(got)
+    outs = tuple(o for o, _ in pairs)
+    cots = tuple(c for _, c in pairs)
+    if _ENGINE is not None and _plain(outs, cots, inputs):
+        got = _ENGINE(outs, cots, True, False, tuple(inputs), True, False)
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
+    return list(torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True, materialize_grads=True))
+
+
+# torch.autograd.grad's own call into the engine (torch >= 2.1); None: always torch.autograd.grad.
+_ENGINE: Callable[..., tuple[Tensor | None, ...]] | None = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def _plain(outputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], inputs: list[Tensor]) -> bool:
+    """Whether ``torch.autograd.grad`` would pass these to the engine unchanged: plain Tensors (no
+    ``__torch_function__``), each cotangent of its output's shape, dtype and device, no nested tensor."""
+    for o, c in zip(outputs, cotangents):
+        if type(o) is not Tensor or type(c) is not Tensor or o.is_nested or c.is_nested:
+            return False
+        if o.shape != c.shape or o.dtype != c.dtype or o.device != c.device:
+            return False
+    return all(type(x) is Tensor for x in inputs)
 
 
 def _check_gradient_condition(optimizer: Optimizer, solver: LinearSolver) -> None:

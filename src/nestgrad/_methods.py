@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._data import Batches
-from ._nonfinite import any_nonfinite, backward_error, bad_names
+from ._nonfinite import any_nonfinite, backward_error, bad_names, watch_gradients
 from .optim._base import OptState
 
 if TYPE_CHECKING:
@@ -327,7 +327,8 @@ def _raise_if_not_finite(named: dict[str, Tensor], what: str, hint: str) -> None
 
     The hook holds the names only: holding the tensors would make a cycle through their autograd
     nodes (tensor -> node -> hook -> tensor) that Python's garbage collector cannot see, and leak
-    every run.
+    every run. :func:`watch_gradients` makes no cycle either (torch's ``register_multi_grad_hook``
+    does: one garbage collection of the whole run per call).
     """
     if not named:
         return
@@ -338,7 +339,7 @@ def _raise_if_not_finite(named: dict[str, Tensor], what: str, hint: str) -> None
             got = {k: g for k, g in zip(names, grads, strict=True) if g is not None}
             raise backward_error("Unroll", what, bad_names(got), got, hint)
 
-    torch.autograd.graph.register_multi_grad_hook(list(named.values()), check)
+    watch_gradients(list(named.values()), check)
 
 
 _UNROLL_NAN = (

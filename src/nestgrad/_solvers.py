@@ -193,24 +193,27 @@ class CG(LinearSolver):
         _check_tol("CG", self.tol)
 
     def _solve(self, matvec: MatVec, b: Tensors, init: Tensors | None) -> Solution:
-        b_norm = _norm(b, "CG")
+        V = _space(b)
+        bv = V.pack(b)
+        b_norm = _norm(V, bv, "CG")
         if b_norm == 0:
             return Solution([torch.zeros_like(t) for t in b], 0, 0.0, True, SUCCESSFUL)
+        A = V.operator(matvec)
         if init is None:
-            x, r = [torch.zeros_like(t) for t in b], list(b)
+            x, r = V.zeros(bv), bv
         else:
-            x = list(init)
-            r = torch._foreach_sub(b, matvec(x))
-        rr = _dot(r, r)
+            x = V.pack(list(init))
+            r = V.add(bv, A(x), -1.0)
+        rr = V.dot(r, r)
         threshold = self.tol * b_norm
         result, steps = MAX_STEPS_REACHED, 0
         if math.sqrt(rr) <= threshold:
-            return Solution(x, 0, math.sqrt(rr) / b_norm, True, SUCCESSFUL)
+            return Solution(V.unpack(x), 0, math.sqrt(rr) / b_norm, True, SUCCESSFUL)
         eps = torch.finfo(b[0].dtype).eps
         p, largest = r, 0.0  # largest: the largest curvature pᵀAp/pᵀp met so far, a scale for |A|
         while steps < self.max_steps:
-            Ap = matvec(p)
-            pAp, pp = _dot(p, Ap), _dot(p, p)
+            Ap = A(p)
+            pAp, pp = V.dot(p, Ap), V.dot(p, p)
             if not pAp > eps * largest * pp:  # <= 0, numerically 0 (A singular) or NaN: never divide by it
                 # pAp underflows to 0 only once the residual is far below what floating point resolves.
                 done = pAp == 0 and math.sqrt(rr) <= eps * b_norm
@@ -218,20 +221,20 @@ class CG(LinearSolver):
                 break
             largest = max(largest, pAp / pp)
             a = rr / pAp
-            r_next = torch._foreach_add(r, Ap, alpha=-a)
-            rr_next = _dot(r_next, r_next)
+            r_next = V.add(r, Ap, -a)
+            rr_next = V.dot(r_next, r_next)
             if not math.sqrt(rr_next) <= _DIVERGENCE * b_norm:  # also NaN: keep the last finite iterate
                 result = DIVERGED
                 break
-            x = torch._foreach_add(x, p, alpha=a)
+            x = V.add(x, p, a)
             r = r_next
             steps += 1
             if math.sqrt(rr_next) <= threshold:  # includes a residual of exactly 0
                 rr, result = rr_next, SUCCESSFUL
                 break
-            p = torch._foreach_add(r, p, alpha=rr_next / rr)  # rr > threshold**2 >= 0 here
+            p = V.add(r, p, rr_next / rr)  # rr > threshold**2 >= 0 here
             rr = rr_next
-        return Solution(x, steps, math.sqrt(rr) / b_norm, result == SUCCESSFUL, result)
+        return Solution(V.unpack(x), steps, math.sqrt(rr) / b_norm, result == SUCCESSFUL, result)
 
     def _fix(self, solution: Solution) -> str:
         if solution.result in (NOT_POSITIVE_DEFINITE, DIVERGED):
@@ -356,42 +359,147 @@ def _richardson(
     matvec: MatVec, b: Tensors, init: Tensors | None, alpha: float, steps: int, tol: float | None, name: str
 ) -> Solution:
     """``x <- x + alpha (b - A x)`` with the residual updated as ``r <- r - alpha A r``."""
-    b_norm = _norm(b, name)
+    V = _space(b)
+    bv = V.pack(b)
+    b_norm = _norm(V, bv, name)
     if b_norm == 0:
         return Solution([torch.zeros_like(t) for t in b], 0, 0.0, True, SUCCESSFUL)
+    A = V.operator(matvec)
     if init is None:
-        x, r = [torch.zeros_like(t) for t in b], list(b)
+        x, r = V.zeros(bv), bv
     else:
-        x = list(init)
-        r = torch._foreach_sub(b, matvec(x))
-    residual = math.sqrt(_dot(r, r)) / b_norm
+        x = V.pack(list(init))
+        r = V.add(bv, A(x), -1.0)
+    residual = math.sqrt(V.dot(r, r)) / b_norm
     taken = 0
     while taken < steps and not (tol is not None and residual <= tol):
-        Ar = matvec(r)
-        r_next = torch._foreach_add(r, Ar, alpha=-alpha)
-        res_next = math.sqrt(_dot(r_next, r_next)) / b_norm
+        Ar = A(r)
+        r_next = V.add(r, Ar, -alpha)
+        res_next = math.sqrt(V.dot(r_next, r_next)) / b_norm
         if not res_next <= _DIVERGENCE:  # also NaN: keep the last finite iterate
-            return Solution(x, taken, residual, False, DIVERGED)
-        x = torch._foreach_add(x, r, alpha=alpha)
+            return Solution(V.unpack(x), taken, residual, False, DIVERGED)
+        x = V.add(x, r, alpha)
         r, residual = r_next, res_next
         taken += 1
+    value = V.unpack(x)
     if tol is not None and residual <= tol:
-        return Solution(x, taken, residual, True, SUCCESSFUL)
+        return Solution(value, taken, residual, True, SUCCESSFUL)
     if residual > 1:
-        return Solution(x, taken, residual, False, DIVERGED)
-    return Solution(x, taken, residual, tol is None, SUCCESSFUL if tol is None else MAX_STEPS_REACHED)
+        return Solution(value, taken, residual, False, DIVERGED)
+    return Solution(value, taken, residual, tol is None, SUCCESSFUL if tol is None else MAX_STEPS_REACHED)
+
+
+class _Flat:
+    """The vectors of a solve as one flat Tensor: every update and dot product is one kernel.
+
+    For ``b`` whose tensors share a floating dtype and a device. A solver iteration then costs
+    a handful of kernels whatever the number of tensors; ``matvec`` still receives and returns
+    the list of tensors (views of the flat vector in, concatenated out: one copy per call).
+    """
+
+    def __init__(self, b: Tensors) -> None:
+        self.shapes = [t.shape for t in b]
+        self.sizes = [t.numel() for t in b]
+        # One 1-D tensor (a weight vector) is its own flat vector: no view per matvec.
+        self.vector = len(b) == 1 and b[0].dim() == 1
+        self.dtype = b[0].dtype
+        self.float64 = self.dtype is torch.float64
+
+    def pack(self, xs: Tensors) -> Tensor:
+        if self.vector:
+            return xs[0]
+        if len(xs) == 1:
+            return xs[0].reshape(-1)
+        return torch.cat([x.reshape(-1) for x in xs])
+
+    def unpack(self, v: Tensor) -> Tensors:
+        if self.vector:
+            return [v]
+        if len(self.shapes) == 1:
+            return [v.reshape(self.shapes[0])]
+        return [c.reshape(shape) for c, shape in zip(v.split(self.sizes), self.shapes)]
+
+    def operator(self, matvec: MatVec) -> Callable[[Tensor], Tensor]:
+        """``matvec`` on flat vectors; a result in another dtype is cast to ``b``'s (as the list updates promote)."""
+
+        def apply(v: Tensor) -> Tensor:
+            out = matvec([v])[0] if self.vector else self.pack(matvec(self.unpack(v)))
+            return out if out.dtype is self.dtype else out.to(self.dtype)
+
+        return apply
+
+    def zeros(self, v: Tensor) -> Tensor:
+        return torch.zeros_like(v)
+
+    def add(self, y: Tensor, x: Tensor, alpha: float) -> Tensor:
+        """``y + alpha x``."""
+        return torch.add(y, x, alpha=alpha)
+
+    def dot(self, x: Tensor, y: Tensor) -> float:
+        """``<x, y>`` accumulated in float64 (float32 and lower products are summed in float64)."""
+        if self.float64:
+            return float(torch.dot(x, y))
+        return float(torch.sum(x * y, dtype=torch.float64))
+
+
+class _Lists:
+    """The vectors of a solve as lists of Tensors (mixed dtypes or devices): ``torch._foreach`` updates."""
+
+    def pack(self, xs: Tensors) -> Tensors:
+        return list(xs)
+
+    def unpack(self, v: Tensors) -> Tensors:
+        return v
+
+    def operator(self, matvec: MatVec) -> MatVec:
+        return matvec
+
+    def zeros(self, v: Tensors) -> Tensors:
+        return [torch.zeros_like(t) for t in v]
+
+    def add(self, y: Tensors, x: Tensors, alpha: float) -> Tensors:
+        return list(torch._foreach_add(y, x, alpha=alpha))
+
+    def dot(self, x: Tensors, y: Tensors) -> float:
+        return _dot(x, y)
+
+
+def _space(b: Tensors) -> Any:
+    """:class:`_Flat` when ``b``'s tensors share one floating dtype and one device, else :class:`_Lists`."""
+    first = b[0] if b else None
+    if (
+        first is not None
+        and first.is_floating_point()
+        and all(t.dtype is first.dtype and t.device == first.device for t in b)
+    ):
+        return _Flat(b)
+    return _Lists()
 
 
 def _dot(xs: Tensors, ys: Tensors) -> float:
-    """:math:`\\sum_i \\langle x_i, y_i\\rangle`, accumulated in float64, as a Python float."""
+    """:math:`\\sum_i \\langle x_i, y_i\\rangle`, accumulated in float64, as a Python float (one host read).
+
+    Called a few times per solver iteration, so it costs one kernel per tensor pair (a float64
+    ``dot``; float32 and lower products summed in float64) and, for several tensors, one stack
+    and sum on the first tensor's device: no Python ``sum`` of tensors, no read per tensor.
+    """
     if not xs:
         return 0.0
+    if len(xs) == 1:
+        return float(_dot1(xs[0], ys[0]))
     device = xs[0].device
-    return float(sum(torch.sum(x * y, dtype=torch.float64).to(device) for x, y in zip(xs, ys)))
+    return float(torch.stack([_dot1(x, y).to(device) for x, y in zip(xs, ys)]).sum())
 
 
-def _norm(b: Tensors, name: str) -> float:
-    norm = math.sqrt(_dot(b, b))
+def _dot1(x: Tensor, y: Tensor) -> Tensor:
+    """``<x, y>`` as a 0-dim float64 Tensor on ``x``'s device."""
+    if x.dtype is torch.float64 and y.dtype is torch.float64:
+        return torch.dot(x.reshape(-1), y.reshape(-1))
+    return torch.sum(x * y, dtype=torch.float64)
+
+
+def _norm(space: Any, b: Any, name: str) -> float:
+    norm = math.sqrt(space.dot(b, b))
     if not math.isfinite(norm):
         raise ValueError(
             f"nestgrad.{name}: the right-hand side b contains NaN or inf. With nestgrad.Implicit, b is the "

@@ -89,11 +89,15 @@ def _walks(t: int, steps: int) -> bool:
     return t < 4 or t & (t - 1) == 0 or t == steps - 1
 
 
+_PROBE = torch.zeros((), requires_grad=True)  # only ever viewed: one autograd node per call, no kernel
+
+
 def _next_sequence_nr() -> int:
     """The sequence number the next autograd node created in this thread will get (at least)."""
-    probe = torch.zeros((), requires_grad=True)
+    if torch.is_grad_enabled():
+        return _PROBE.view_as(_PROBE).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
     with torch.enable_grad():
-        return (probe * 1).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
+        return _PROBE.view_as(_PROBE).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
 
 
 def _describe_input(node: Any) -> str:
@@ -200,7 +204,8 @@ class Problem:
         else:
             leaves, spec = pytree.tree_flatten(self.hparams)
             hparams, n = pytree.tree_unflatten(list(tensors[: len(leaves)]), spec), len(leaves)
-        optimizer = self.optimizer.with_tensors(tensors[n:])
+        rest = tensors[n:]  # the optimizer's: none is common, and then it is the same optimizer
+        optimizer = self.optimizer.with_tensors(rest) if len(rest) else self.optimizer
         return dataclasses.replace(self, hparams=hparams, optimizer=optimizer)
 
     def loss(self, params: dict[str, Tensor], t: int, hparams: Any = None, math_sdpa: bool = True) -> Tensor:
