@@ -115,7 +115,8 @@ def run_pipeline(world: int, rank: int) -> dict[str, Tensor]:
     head = nn.Linear(D, 1).double()
     p1 = {k: v.detach().clone().requires_grad_() for k, v in enc.named_parameters()}
     p2 = {k: v.detach().clone().requires_grad_() for k, v in head.named_parameters()}
-    par = {"parallel": ng.DataParallel(shard_hparams=True)} if world > 1 else {}
+    par1 = {"parallel": ng.DataParallel(shard_hparams=True)} if world > 1 else {}
+    par2 = {"parallel": ng.DataParallel()} if world > 1 else {}
 
     def loss1(p: dict[str, Tensor], batch: Any, w: Tensor) -> Tensor:  # level 1: a weighted autoencoder-ish loss
         xb, yb = batch
@@ -127,8 +128,8 @@ def run_pipeline(world: int, rank: int) -> dict[str, Tensor]:
         z = torch.tanh(ng.call(enc, w1, xb))
         return F.mse_loss(ng.call(head, p, z), yb)
 
-    w1 = ng.train(loss1, p1, ng.optim.SGD(lr=0.2), [(x, y)], steps=2, hparams=a, method=ng.Reverse(), **par)
-    w2 = ng.train(loss2, p2, ng.optim.SGD(lr=0.3), [(x, y)], steps=2, hparams=w1, method=ng.Unroll(), **par)
+    w1 = ng.train(loss1, p1, ng.optim.SGD(lr=0.2), [(x, y)], steps=2, hparams=a, method=ng.Reverse(), **par1)
+    w2 = ng.train(loss2, p2, ng.optim.SGD(lr=0.3), [(x, y)], steps=2, hparams=w1, method=ng.Unroll(), **par2)
     local = F.mse_loss(ng.call(head, w2, torch.tanh(ng.call(enc, w1, xv))), yv)
     val = ng.distributed.mean(local) if world > 1 else local
     wanted = {"a": a, **{f"p1.{k}": v for k, v in p1.items()}, **{f"p2.{k}": v for k, v in p2.items()}}
@@ -137,7 +138,7 @@ def run_pipeline(world: int, rank: int) -> dict[str, Tensor]:
 
 
 def run_replicated_outside(world: int, rank: int) -> dict[str, Tensor]:
-    """An hparam used inside ng.train and, wrapped with ng.distributed.replicated, in the outer loss too."""
+    """An hparam used inside ng.train and, wrapped with ng.distributed.replicated, in the outer objective."""
     d = dataset()
     net = model("mlp")
     x, y = shard(d["x"], world, rank), shard(d["y"], world, rank)
@@ -151,11 +152,10 @@ def run_replicated_outside(world: int, rank: int) -> dict[str, Tensor]:
         return F.mse_loss(ng.call(net, p, xb * feat), yb)
 
     trained = ng.train(loss_fn, params, ng.optim.SGD(lr=0.5), [(x, y)], steps=2, hparams=s, **par)
-    local = F.mse_loss(ng.call(net, trained, xv), yv)
-    if world > 1:
-        val = ng.distributed.mean(local) + (ng.distributed.replicated(s) ** 2).sum()
-    else:
-        val = local + (s**2).sum()
+    # The validation loss reads s too, and a penalty on s: outside ng.train, s is wrapped.
+    s_out = ng.distributed.replicated(s) if world > 1 else s
+    local = F.mse_loss(ng.call(net, trained, xv * s_out), yv) + (s_out**2).sum()
+    val = ng.distributed.mean(local) if world > 1 else local
     return {"ds": torch.autograd.grad(val, s)[0]}
 
 

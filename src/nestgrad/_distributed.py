@@ -295,7 +295,11 @@ def all_reduce(tensors: Sequence[Tensor], sync: Sync, mean: bool) -> list[Tensor
 
 
 class _Replicated(torch.autograd.Function):
-    """Identity forward; the backward pass sums the gradient over ranks (a replicated input's total)."""
+    """Identity forward; the backward pass sums the gradient over ranks.
+
+    The ranks' partials of J w.r.t. their own copies of a replicated input sum to dJ/dx, the
+    derivative w.r.t. the one tensor they all hold: every rank gets it.
+    """
 
     @staticmethod
     def forward(ctx: Any, sync: Sync, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
@@ -313,15 +317,20 @@ class _Coupled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)  # an unused output stays None: methods tell "unused" from "zero"
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Any:
+    def backward(ctx: Any, *grads: Tensor | None) -> Any:
         return grads
 
 
 class _Mean(torch.autograd.Function):
-    """The mean over ranks; its output is the global objective, so the backward pass divides by R only."""
+    """The mean over ranks, the same value J on every rank.
+
+    J is one global objective that every rank backpropagates, so each rank's ``x`` enters it with
+    weight 1/R: the backward pass divides the cotangent by R, with no communication.
+    """
 
     @staticmethod
     def forward(ctx: Any, sync: Sync, x: Tensor) -> Tensor:  # type: ignore[override]

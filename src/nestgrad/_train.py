@@ -540,7 +540,8 @@ def train(
     trained = {**trained, **buffers.trained()}
     weights = {k: trained[k] if k in trained else v for k, v in params.items()}
     if sync is not None:  # data-parallel: mark the outputs, whose backward already crosses ranks
-        weights, final = leave(weights, final)
+        weights, marked = leave(weights, final if return_state else None)
+        final = marked if return_state else final
     return (weights, final) if return_state else weights
 
 
