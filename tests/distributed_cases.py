@@ -163,7 +163,7 @@ def run_replicated_outside(world: int, rank: int) -> dict[str, Tensor]:
 def _error(fn: Callable[[], Any]) -> str:
     try:
         fn()
-    except Exception as err:  # noqa: BLE001 - the message is what the test checks
+    except Exception as err:  # the message is what the test checks
         return f"{type(err).__name__}: {err}"
     return "no error"
 
@@ -181,13 +181,21 @@ def run_misuse(world: int, rank: int) -> dict[str, str]:
 
     def train(**kw: Any) -> Any:
         args = {"params": params, "data": [(x, y)], "steps": 2, "method": ng.Unroll()} | kw
-        return ng.train(loss_fn, args["params"], ng.optim.SGD(lr=0.1), args["data"], steps=args["steps"],
-                        method=args["method"], parallel=ng.DataParallel())  # fmt: skip
+        return ng.train(
+            loss_fn,
+            args["params"],
+            ng.optim.SGD(lr=0.1),
+            args["data"],
+            steps=args["steps"],
+            method=args["method"],
+            parallel=ng.DataParallel(),
+        )
 
     out = {
         "steps": _error(lambda: train(steps=2 + rank)),
-        "shapes": _error(lambda: train(params={**params, "0.bias": torch.zeros(4 + rank, dtype=torch.float64,
-                                                                               requires_grad=True)})),  # fmt: skip
+        "shapes": _error(
+            lambda: train(params={**params, "0.bias": torch.zeros(4 + rank, dtype=torch.float64, requires_grad=True)})
+        ),
         "values": _error(lambda: train(params={k: v + rank for k, v in params.items()})),
         "empty": _error(lambda: train(data=[(x[: 0 if rank == world - 1 else None], y)])),
         "seed": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1))),
@@ -203,8 +211,17 @@ def run_misuse(world: int, rank: int) -> dict[str, str]:
         xb, yb = batch
         return F.mse_loss(ng.call(net, p, xb) * h.sum(), yb)
 
-    out["mixed"] = _error(lambda: ng.train(loss_h, params, ng.optim.SGD(lr=0.1), [(x, y)], steps=1,
-                                           hparams=trained["0.bias"] * lr, parallel=ng.DataParallel()))  # fmt: skip
+    out["mixed"] = _error(
+        lambda: ng.train(
+            loss_h,
+            params,
+            ng.optim.SGD(lr=0.1),
+            [(x, y)],
+            steps=1,
+            hparams=trained["0.bias"] * lr,
+            parallel=ng.DataParallel(),
+        )
+    )
     # ng.call on a DDP-wrapped module runs the wrapped module.
     ddp = nn.parallel.DistributedDataParallel(model("mlp"))
     p_ddp = {k: v * 2 for k, v in ddp.named_parameters()}

@@ -466,17 +466,6 @@ def _method_key(method: Any) -> str:
     return key
 
 
-@dataclass
-class Entry:
-    """What ``train`` runs with in a data-parallel call."""
-
-    sync: Sync
-    loss_fn: Callable[..., Tensor]
-    trainable: dict[str, Tensor]
-    optimizer: Optimizer
-    hparams: Any
-
-
 def enter(
     parallel: DataParallel,
     loss_fn: Callable[..., Tensor],
@@ -489,8 +478,11 @@ def enter(
     method: Any,
     state: OptState | None,
     tasks: Any,
-) -> Entry:
+) -> tuple[Sync, Callable[..., Tensor], dict[str, Tensor], Optimizer, Any]:
     """Check that the ranks agree (one all-gather), then wrap the inputs of a data-parallel ``train``.
+
+    Returns what ``train`` runs with: the communication, ``loss_fn``, the trainable params, the
+    optimizer and the hparams.
 
     Replicated inputs that need it get an identity whose backward pass sums over ranks. Each sharded
     hparam ``a_r`` becomes a tensor of the global size (the ranks' shards concatenated, zeros outside
@@ -531,12 +523,24 @@ def enter(
         "steps": steps,
         "method": _method_key(method),
         "reduce": parallel.reduce,
-        "optimizer": (type(optimizer).__name__, [(n, tuple(t.shape)) for n, t in
-                      zip(optimizer.tensor_names(), optimizer.tensors(), strict=True)]),  # fmt: skip
+        "optimizer": (
+            type(optimizer).__name__,
+            [(n, tuple(t.shape)) for n, t in zip(optimizer.tensor_names(), optimizer.tensors(), strict=True)],
+        ),
         "params": [(k, tuple(v.shape), str(v.dtype), v.requires_grad, k in trainable) for k, v in params.items()],
-        "hparams": (str(spec), [(i, tuple(leaves[i].shape[1:] if i in sharded else leaves[i].shape),
-                                 str(leaves[i].dtype), leaves[i].requires_grad, i in sharded)
-                                for i in range(len(leaves))]),  # fmt: skip
+        "hparams": (
+            str(spec),
+            [
+                (
+                    i,
+                    tuple(leaves[i].shape[1:] if i in sharded else leaves[i].shape),
+                    str(leaves[i].dtype),
+                    leaves[i].requires_grad,
+                    i in sharded,
+                )
+                for i in range(len(leaves))
+            ],
+        ),
         "state": state is not None,
         "grad": torch.is_grad_enabled(),
     }
@@ -562,8 +566,12 @@ def enter(
     if differ:
         names = [f"params[{k!r}]" for k in trainable] + [f"hparams leaf {i}" for i in replicated_leaves]
         names += [f"optimizer {n}" for n in optimizer.tensor_names()]
-        bad = {n for r in differ for j, n in enumerate(names)
-               if everyone[r]["values"][3 * j : 3 * j + 3] != everyone[0]["values"][3 * j : 3 * j + 3]}  # fmt: skip
+        bad = {
+            n
+            for r in differ
+            for j, n in enumerate(names)
+            if everyone[r]["values"][3 * j : 3 * j + 3] != everyone[0]["values"][3 * j : 3 * j + 3]
+        }
         raise ValueError(_VALUES.format(what=", ".join(sorted(bad)[:4]), ranks=differ))
 
     # Replicated inputs: one identity whose backward sums the gradients over ranks (one bucketed collective).
@@ -588,11 +596,16 @@ def enter(
     for i in range(len(leaves)):
         candidates.append((f"hparams leaf {i}", new_leaves[i], i in slices))
     n_opt = len(optimizer.tensors())
-    candidates += [(f"optimizer {n}", t, False) for n, t in zip(optimizer.tensor_names(), optimizer.tensors(), strict=True)]
+    candidates += [
+        (f"optimizer {n}", t, False) for n, t in zip(optimizer.tensor_names(), optimizer.tensors(), strict=True)
+    ]
     # A widened shard is summed always: each rank adds its share of every row (its own rows' gradient, or
     # for Forward and the other adjoint methods a share of all rows).
-    chosen = [j for j, (what, t, widened) in enumerate(candidates)
-              if grad_on and t.requires_grad and (widened or _needs_sum(t, what))]  # fmt: skip
+    chosen = [
+        j
+        for j, (what, t, widened) in enumerate(candidates)
+        if grad_on and t.requires_grad and (widened or _needs_sum(t, what))
+    ]
     values = [t for _, t, _ in candidates]
     if chosen:
         for j, t in zip(chosen, _Replicated.apply(sync, *(values[j] for j in chosen)), strict=True):
@@ -612,7 +625,7 @@ def enter(
             return loss_fn(p, batch, pytree.tree_unflatten(flat, tree))
 
         wrapped_loss = sliced_loss
-    return Entry(sync, wrapped_loss, new_trainable, new_optimizer, new_hparams)
+    return sync, wrapped_loss, new_trainable, new_optimizer, new_hparams
 
 
 def _short(value: Any) -> str:

@@ -520,9 +520,8 @@ def train(
         )
     sync = None
     if parallel is not None:  # data-parallel (_distributed.py): check the ranks agree, wrap replicated inputs
-        entry = enter(parallel, loss_fn, params, trainable, optimizer, data, steps, hparams, method, state, tasks)
-        sync, loss_fn, trainable, optimizer, hparams = (
-            entry.sync, entry.loss_fn, entry.trainable, entry.optimizer, entry.hparams
+        sync, loss_fn, trainable, optimizer, hparams = enter(
+            parallel, loss_fn, params, trainable, optimizer, data, steps, hparams, method, state, tasks
         )
     check = bool(leaves) and torch.is_grad_enabled() and method.needs_path and any(t.requires_grad for _, t in leaves)
     strict = isinstance(method, AdjointMethod) and torch.is_grad_enabled()
