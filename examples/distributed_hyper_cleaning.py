@@ -92,8 +92,10 @@ def main() -> None:
         learned = torch.cat([w[:n] for w, n in zip(everyone, sizes)])
         scores = detection_scores(learned, data.flipped)
         print()
-        print(f"data-parallel hyper-cleaning on {world} ranks ({backend}), {args.outer_steps} outer steps, "
-              f"{recipe.describe()}: {elapsed:.1f} s")  # fmt: skip
+        print(
+            f"data-parallel hyper-cleaning on {world} ranks ({backend}), {args.outer_steps} outer steps, "
+            f"{recipe.describe()}: {elapsed:.1f} s"
+        )
         print(f"{'':34s}{'value':>10s}")
         print(f"{'test accuracy (last inner model)':34s}{acc:>10.3f}")
         for key, value in scores.items():

@@ -181,9 +181,20 @@ _DDP_NAMES = (
 )
 
 
+_FSDP = (
+    "nestgrad.call: module is sharded by FSDP ({kind}): each rank holds only a shard of its weights, and "
+    "nestgrad does not support sharded weights yet. Pass the unsharded module on every rank, and train it "
+    "data-parallel with ng.train(..., parallel=ng.DataParallel())."
+)
+
+
 def _is_ddp(module: nn.Module) -> bool:
+    """Whether ``module`` is a DDP wrapper (unwrapped by ``call``); raise for FSDP, which shards the weights."""
     from torch.nn.parallel import DistributedDataParallel
 
+    kinds = {c.__name__ for c in type(module).__mro__}
+    if kinds & {"FullyShardedDataParallel", "FSDPModule"}:
+        raise NotImplementedError(_FSDP.format(kind=type(module).__name__))
     return isinstance(module, DistributedDataParallel)
 
 
