@@ -3,10 +3,11 @@
 The whole public API is listed here; implementations live in private modules.
 """
 
-from . import higher, optim
+from . import distributed, higher, optim
 from ._call import call
 from ._check import CheckResult, check
 from ._data import ReplayError
+from ._distributed import DataParallel
 from ._explain import DisconnectedError, PartialPathWarning, PathReport, explain, tracking
 from ._finite_diff import FiniteDiff
 from ._forward import Forward
@@ -26,6 +27,7 @@ __all__ = [
     "AdjointMethod",
     "CheckResult",
     "ConvergenceWarning",
+    "DataParallel",
     "DisconnectedError",
     "FiniteDiff",
     "FixedPoint",
@@ -47,6 +49,7 @@ __all__ = [
     "ZerothOrder",
     "call",
     "check",
+    "distributed",
     "explain",
     "higher",
     "optim",

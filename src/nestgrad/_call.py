@@ -133,6 +133,8 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
             f"The order is call(module, params, *inputs)."
         )
     _check_params(params, "params", "nestgrad.call")
+    if _is_ddp(module):  # data-parallel: run the wrapped module (DDP's hooks would not see this call anyway)
+        module, params = _unwrap_ddp(module, params)
     layout = _layout(module)
     if not layout.tensors.keys() >= params.keys():
         unknown = sorted(set(params) - layout.tensors.keys())
@@ -170,3 +172,43 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
         if slots[slot] is not copy:  # forward assigned a new tensor to the buffer
             run.replaced(original, slots[slot])  # type: ignore[union-attr]
     return out
+
+
+_DDP_NAMES = (
+    "nestgrad.call: module is a DistributedDataParallel wrapper, and params mixes names with and without its "
+    "'module.' prefix ({names}). Pass dict(ddp.module.named_parameters()) (or the names of ddp.named_parameters(), "
+    "all with the prefix)."
+)
+
+
+_FSDP = (
+    "nestgrad.call: module is sharded by FSDP ({kind}): each rank holds only a shard of its weights, and "
+    "nestgrad does not support sharded weights yet. Pass the unsharded module on every rank, and train it "
+    "data-parallel with ng.train(..., parallel=ng.DataParallel())."
+)
+
+
+def _is_ddp(module: nn.Module) -> bool:
+    """Whether ``module`` is a DDP wrapper (unwrapped by ``call``); raise for FSDP, which shards the weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    kinds = {c.__name__ for c in type(module).__mro__}
+    if kinds & {"FullyShardedDataParallel", "FSDPModule"}:
+        raise NotImplementedError(_FSDP.format(kind=type(module).__name__))
+    return isinstance(module, DistributedDataParallel)
+
+
+def _unwrap_ddp(module: nn.Module, params: Mapping[str, Tensor]) -> tuple[nn.Module, Mapping[str, Tensor]]:
+    """``ddp.module``, and ``params`` keyed by its names: ng.call runs the wrapped module itself.
+
+    DDP's all-reduce runs in hooks of ``.backward()`` on the module's own parameters, which neither
+    ``functional_call`` nor ``torch.autograd.grad`` trigger (pytorch#47562); for data-parallel
+    training with ng.train, pass ``parallel=ng.DataParallel()``, which all-reduces every step.
+    """
+    prefixed = [k.startswith("module.") for k in params]
+    if any(prefixed) and not all(prefixed):
+        mixed = sorted(params)[:4]
+        raise KeyError(_DDP_NAMES.format(names=mixed))
+    if any(prefixed):
+        params = {k[len("module.") :]: v for k, v in params.items()}
+    return module.module, params

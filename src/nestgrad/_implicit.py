@@ -204,7 +204,10 @@ class Implicit(AdjointMethod):
         used = [k for k, gk in g.items() if gk is not None]  # weights the condition ignores stay put
         gs = [g[k] for k in used]
         ws = [p[k] for k in used]
-        solution = self.solver._run(lambda xs: _vjp(gs, ws, xs), [grads[k] for k in used], None)
+        matvec = lambda xs: _vjp(gs, ws, xs)  # noqa: E731
+        if problem.parallel is not None:  # data-parallel (_distributed.py): the Hessian of the ranks' mean loss
+            matvec = problem.parallel.averaged(matvec)
+        solution = self.solver._run(matvec, [grads[k] for k in used], None)
         self._report(solution, "the gradient of the training loss", gs)
         wanted = [h for h in hparams if h.requires_grad]
         supply = iter(_vjp(gs, wanted, solution.value))
@@ -234,6 +237,8 @@ class Implicit(AdjointMethod):
         def matvec(xs: list[Tensor]) -> list[Tensor]:  # (I - Jᵀ) x
             return torch._foreach_sub(xs, _vjp(outs, ins, xs))
 
+        if problem.parallel is not None:  # data-parallel (_distributed.py): the Jacobian of the averaged step
+            matvec = problem.parallel.averaged(matvec)
         solution = self.solver._run(matvec, rhs, None)
         self._report(solution, "the optimizer's step Φ(W, S) - (W, S)", outs, ins)
         wanted = [h for h in hparams if h.requires_grad]

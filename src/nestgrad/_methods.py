@@ -198,6 +198,8 @@ class _Adjoint(torch.autograd.Function):
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grads, ctx.zeros, strict=True)
         )
+        if problem.parallel is not None:  # data-parallel (_distributed.py): the same cotangent on every rank
+            grads, state_grads = problem.parallel.cotangents(method, grads, state_grads)
         incoming = dict(zip(names, grads, strict=True))
         if problem.check_finite and any_nonfinite([*grads, *state_grads]):
             arriving = {**incoming, **{f"the returned optimizer state[{i}]": g for i, g in enumerate(state_grads)}}

@@ -15,6 +15,7 @@ from torch import Tensor
 from ._attention import AttentionUse, attention
 from ._buffers import RunBuffers, running
 from ._data import Batches
+from ._distributed import DataParallel, Sync, enter, leave
 from ._explain import PathReport, graph_nodes, reaches, require_path
 from ._methods import AdjointMethod, Method, Unroll, is_out_of_memory, out_of_memory
 from ._nonfinite import CHECK_EVERY, NonFiniteError, all_finite, finite, training_error
@@ -178,6 +179,7 @@ class Problem:
     origin: Any = None  # the caller's hparams when ``hparams`` holds views of them (Unroll): the path check's target
     state: OptState | None = None  # the optimizer state to start from; None: ``optimizer.init(params)``
     returns_state: bool = False  # whether train returns the final state (so a method keeps what it needs)
+    parallel: Sync | None = None  # data-parallel: how step gradients are all-reduced (see _distributed.py)
     _unused: PathReport | None = field(default=None, init=False, repr=False)
     _flags: list[tuple[int, Tensor]] = field(default_factory=list, init=False, repr=False)
     _last: tuple[Any, ...] = field(default=(), init=False, repr=False)
@@ -267,6 +269,8 @@ class Problem:
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
         if all(g is None for g in grads):
             raise RuntimeError(_NOT_USED.format(t=t))
+        if self.parallel is not None:  # data-parallel (_distributed.py): the ranks' gradients, all-reduced
+            return self.parallel.gradients(dict(zip(params, grads, strict=True)))
         return dict(zip(params, grads, strict=True))
 
     def step(
@@ -401,6 +405,7 @@ def train(
     state: OptState | None = None,
     return_state: bool = False,
     tasks: int | Tasks | None = None,
+    parallel: DataParallel | None = None,
 ) -> Any:
     """Run ``steps`` optimizer updates and return the trained weights.
 
@@ -448,6 +453,10 @@ def train(
             ``hparams`` have a leading task dimension (default: shared initial weights,
             per-task batches, shared hparams). ``loss_fn`` stays the loss of one task; the
             trained weights come back with a leading task dimension.
+        parallel: train data-parallel across the ranks of a ``torch.distributed`` process group:
+            a :class:`~nestgrad.DataParallel`. Each rank passes its shard of the data and the same
+            params; every step's gradients are all-reduced before the update, and hypergradients
+            equal one process's on the concatenated data (see ``DataParallel`` for the convention).
 
     Returns:
         ``dict[str, Tensor]`` with the same names as ``params``; with ``return_state``, the pair
@@ -514,13 +523,18 @@ def train(
             f"you only want the trained weights.",
             stacklevel=2,
         )
+    sync = None
+    if parallel is not None:  # data-parallel (_distributed.py): check the ranks agree, wrap replicated inputs
+        sync, loss_fn, trainable, optimizer, hparams = enter(
+            parallel, loss_fn, params, trainable, optimizer, data, steps, hparams, method, state, tasks
+        )
     check = bool(leaves) and torch.is_grad_enabled() and method.needs_path and any(t.requires_grad for _, t in leaves)
     strict = isinstance(method, AdjointMethod) and torch.is_grad_enabled()
     buffers = RunBuffers(frozen)
     problem = Problem(
         loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen,
         progress=progress, check_path=check, method=type(method).__name__, check_finite=check_finite,
-        strict=strict, buffers=buffers, state=state, returns_state=return_state,
+        strict=strict, buffers=buffers, state=state, returns_state=return_state, parallel=sync,
     )  # fmt: skip
     versions = _write_counts(frozen)
     # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
@@ -529,6 +543,9 @@ def train(
     buffers.warn_discarded()
     trained = {**trained, **buffers.trained()}
     weights = {k: trained[k] if k in trained else v for k, v in params.items()}
+    if sync is not None:  # data-parallel: mark the outputs, whose backward already crosses ranks
+        weights, marked = leave(weights, final if return_state else None)
+        final = marked if return_state else final
     return (weights, final) if return_state else weights
 
 

@@ -1,0 +1,267 @@
+"""Cases for tests/test_distributed.py: each runs on one process (whole data) or on one rank (its shard).
+
+Imported by the test (the single-process references) and by the spawned ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import nestgrad as ng
+
+N, NV, D = 12, 6, 3  # training examples, validation examples, features (divisible by 2 and 3 ranks)
+STEPS = 3
+
+
+def dataset() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    xv = torch.randn(NV, D, generator=g, dtype=torch.float64)
+    w = torch.randn(D, 1, generator=g, dtype=torch.float64)
+    y = torch.tanh(x @ w) + 0.1 * torch.randn(N, 1, generator=g, dtype=torch.float64)
+    yv = torch.tanh(xv @ w)
+    a = 0.5 + torch.rand(N, generator=g, dtype=torch.float64)
+    return {"x": x, "y": y, "xv": xv, "yv": yv, "a": a}
+
+
+def model(kind: str) -> nn.Module:
+    torch.manual_seed(1)
+    if kind == "linear":
+        return nn.Linear(D, 1).double()
+    return nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+
+
+def shard(t: Tensor, world: int, rank: int) -> Tensor:
+    return t.chunk(world)[rank] if world > 1 else t
+
+
+METHODS: dict[str, Callable[[], ng.Method]] = {
+    "Unroll": ng.Unroll,
+    "Reverse": ng.Reverse,
+    "Reverse(checkpoint_every=2)": lambda: ng.Reverse(checkpoint_every=2),
+    "Forward": ng.Forward,
+    "Implicit(CG)": lambda: ng.Implicit(ng.CG(max_steps=20, tol=1e-13)),
+    "Implicit(FixedPoint)": lambda: ng.Implicit(ng.FixedPoint(max_steps=400, tol=1e-13)),
+    "FiniteDiff": lambda: ng.FiniteDiff(eps=0.1),
+    "ZerothOrder": lambda: ng.ZerothOrder(samples=3, sigma=0.1, seed=0),
+}
+IMPLICIT = ("Implicit(CG)", "Implicit(FixedPoint)")
+
+
+def run_method(name: str, world: int, rank: int, reduce: str = "mean") -> dict[str, Tensor]:
+    """Train with ``name``; return the trained weights and the hypergradients of the mean validation loss.
+
+    ``world == 1`` is the single process on the whole data; otherwise this rank's shard, data-parallel.
+    """
+    d = dataset()
+    implicit = name in IMPLICIT
+    net = model("linear" if implicit else "mlp")
+    x, y, a = (shard(d[k], world, rank) for k in ("x", "y", "a"))
+    xv, yv = shard(d["xv"], world, rank), shard(d["yv"], world, rank)
+    a = a.clone().requires_grad_()
+    s = torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64, requires_grad=True)  # shared feature weights
+    lr = torch.tensor(0.3 if implicit else 0.5, dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    scale = N // world if reduce == "sum" else None  # "sum": each rank normalizes by the global count
+
+    def loss_fn(p: dict[str, Tensor], batch: Any, h: Any) -> Tensor:
+        xb, yb = batch
+        weights, feat = h
+        per = weights * (ng.call(net, p, xb * feat) - yb).squeeze(-1) ** 2
+        loss = per.sum() / (scale * world) if scale else per.mean()
+        if implicit:
+            loss = loss + 0.05 * sum((v**2).sum() for v in p.values())
+        return loss
+
+    steps = 60 if implicit else STEPS
+    opt = ng.optim.SGD(lr=lr) if implicit else ng.optim.SGD(lr=lr, momentum=0.9)
+    parallel = ng.DataParallel(shard_hparams=(True, False), reduce=reduce) if world > 1 else None
+    trained = ng.train(
+        loss_fn, params, opt, [(x, y)], steps=steps, hparams=(a, s), method=METHODS[name](), parallel=parallel
+    )
+    local = F.mse_loss(ng.call(net, trained, xv), yv)
+    val = ng.distributed.mean(local) if world > 1 else local
+    wanted = {"a": a, "s": s}
+    if not implicit:
+        wanted["lr"] = lr
+    if name in ("Unroll", "Reverse", "Reverse(checkpoint_every=2)"):
+        wanted |= {f"W0.{k}": v for k, v in params.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Implicit's convergence warnings are not what is tested here
+        got = torch.autograd.grad(val, list(wanted.values()))
+    out = {f"d{k}": g for k, g in zip(wanted, got, strict=True)}
+    out |= {f"trained.{k}": v.detach() for k, v in trained.items()}
+    out["val"] = val.detach()
+    return out
+
+
+def run_pipeline(world: int, rank: int) -> dict[str, Tensor]:
+    """Two levels, both data-parallel: W1 = train(A), W2 = train(W1), outer loss of W2; Reverse then Unroll."""
+    d = dataset()
+    x, y, a = (shard(d[k], world, rank) for k in ("x", "y", "a"))
+    xv, yv = shard(d["xv"], world, rank), shard(d["yv"], world, rank)
+    a = a.clone().requires_grad_()
+    torch.manual_seed(2)
+    enc = nn.Linear(D, D).double()
+    head = nn.Linear(D, 1).double()
+    p1 = {k: v.detach().clone().requires_grad_() for k, v in enc.named_parameters()}
+    p2 = {k: v.detach().clone().requires_grad_() for k, v in head.named_parameters()}
+    par1 = {"parallel": ng.DataParallel(shard_hparams=True)} if world > 1 else {}
+    par2 = {"parallel": ng.DataParallel()} if world > 1 else {}
+
+    def loss1(p: dict[str, Tensor], batch: Any, w: Tensor) -> Tensor:  # level 1: a weighted autoencoder-ish loss
+        xb, yb = batch
+        z = torch.tanh(ng.call(enc, p, xb))
+        return (w * ((z - xb) ** 2).sum(-1)).mean() + ((z.sum(-1, keepdim=True) - yb) ** 2).mean()
+
+    def loss2(p: dict[str, Tensor], batch: Any, w1: dict[str, Tensor]) -> Tensor:  # level 2 reads level 1's weights
+        xb, yb = batch
+        z = torch.tanh(ng.call(enc, w1, xb))
+        return F.mse_loss(ng.call(head, p, z), yb)
+
+    w1 = ng.train(loss1, p1, ng.optim.SGD(lr=0.2), [(x, y)], steps=2, hparams=a, method=ng.Reverse(), **par1)
+    w2 = ng.train(loss2, p2, ng.optim.SGD(lr=0.3), [(x, y)], steps=2, hparams=w1, method=ng.Unroll(), **par2)
+    local = F.mse_loss(ng.call(head, w2, torch.tanh(ng.call(enc, w1, xv))), yv)
+    val = ng.distributed.mean(local) if world > 1 else local
+    wanted = {"a": a, **{f"p1.{k}": v for k, v in p1.items()}, **{f"p2.{k}": v for k, v in p2.items()}}
+    got = torch.autograd.grad(val, list(wanted.values()))
+    return {f"d{k}": g for k, g in zip(wanted, got, strict=True)} | {"val": val.detach()}
+
+
+def run_replicated_outside(world: int, rank: int) -> dict[str, Tensor]:
+    """An hparam used inside ng.train and, wrapped with ng.distributed.replicated, in the outer objective."""
+    d = dataset()
+    net = model("mlp")
+    x, y = shard(d["x"], world, rank), shard(d["y"], world, rank)
+    xv, yv = shard(d["xv"], world, rank), shard(d["yv"], world, rank)
+    s = torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    par = {"parallel": ng.DataParallel()} if world > 1 else {}
+
+    def loss_fn(p: dict[str, Tensor], batch: Any, feat: Tensor) -> Tensor:
+        xb, yb = batch
+        return F.mse_loss(ng.call(net, p, xb * feat), yb)
+
+    trained = ng.train(loss_fn, params, ng.optim.SGD(lr=0.5), [(x, y)], steps=2, hparams=s, **par)
+    # The validation loss reads s too, and a penalty on s: outside ng.train, s is wrapped.
+    s_out = ng.distributed.replicated(s) if world > 1 else s
+    local = F.mse_loss(ng.call(net, trained, xv * s_out), yv) + (s_out**2).sum()
+    val = ng.distributed.mean(local) if world > 1 else local
+    return {"ds": torch.autograd.grad(val, s)[0]}
+
+
+# ------------------------------------------------------------------------------------------------- misuse
+def _error(fn: Callable[[], Any]) -> str:
+    try:
+        fn()
+    except Exception as err:  # the message is what the test checks
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def run_misuse(world: int, rank: int) -> dict[str, str]:
+    """Bad set-ups; every rank must raise (and stay in step with the others for the next check)."""
+    d = dataset()
+    net = model("mlp")
+    x, y = shard(d["x"], world, rank), shard(d["y"], world, rank)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+
+    def loss_fn(p: dict[str, Tensor], batch: Any, h: Any) -> Tensor:
+        xb, yb = batch
+        return F.mse_loss(ng.call(net, p, xb), yb)
+
+    def train(**kw: Any) -> Any:
+        args = {"params": params, "data": [(x, y)], "steps": 2, "method": ng.Unroll()} | kw
+        return ng.train(
+            loss_fn,
+            args["params"],
+            ng.optim.SGD(lr=0.1),
+            args["data"],
+            steps=args["steps"],
+            method=args["method"],
+            parallel=ng.DataParallel(),
+        )
+
+    out = {
+        "steps": _error(lambda: train(steps=2 + rank)),
+        "shapes": _error(
+            lambda: train(params={**params, "0.bias": torch.zeros(4 + rank, dtype=torch.float64, requires_grad=True)})
+        ),
+        "values": _error(lambda: train(params={k: v + rank for k, v in params.items()})),
+        "empty": _error(lambda: train(data=[(x[: 0 if rank == world - 1 else None], y)])),
+        "seed": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1))),
+    }
+    # After the errors the ranks are still in step: a good call works.
+    out["after"] = _error(lambda: train())
+
+    # An hparam computed from both a data-parallel output and a local leaf.
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    trained = train()
+
+    def loss_h(p: dict[str, Tensor], batch: Any, h: Tensor) -> Tensor:
+        xb, yb = batch
+        return F.mse_loss(ng.call(net, p, xb) * h.sum(), yb)
+
+    out["mixed"] = _error(
+        lambda: ng.train(
+            loss_h,
+            params,
+            ng.optim.SGD(lr=0.1),
+            [(x, y)],
+            steps=1,
+            hparams=trained["0.bias"] * lr,
+            parallel=ng.DataParallel(),
+        )
+    )
+    # ng.call on a DDP-wrapped module runs the wrapped module.
+    ddp = nn.parallel.DistributedDataParallel(model("mlp"))
+    p_ddp = {k: v * 2 for k, v in ddp.named_parameters()}
+    p_mod = {k: v * 2 for k, v in ddp.module.named_parameters()}
+    same = torch.equal(ng.call(ddp, p_ddp, x), ng.call(ddp.module, p_mod, x))
+    same = same and torch.equal(ng.call(ddp, p_mod, x), ng.call(ddp.module, p_mod, x))
+    out["ddp"] = "same" if same else "differs"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- worker
+def worker(rank: int, world: int, store: str, outdir: str, jobs: list[str]) -> None:
+    """One rank: run ``jobs`` and save the results to ``outdir/rank{rank}.pt`` (errors included)."""
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    results: dict[str, Any] = {}
+    try:
+        for job in jobs:
+            kind, _, arg = job.partition(":")
+            if kind == "method":
+                results[job] = run_method(arg, world, rank)
+            elif kind == "sum":
+                results[job] = run_method(arg, world, rank, reduce="sum")
+            elif kind == "pipeline":
+                results[job] = run_pipeline(world, rank)
+            elif kind == "outside":
+                results[job] = run_replicated_outside(world, rank)
+            elif kind == "misuse":
+                results[job] = run_misuse(world, rank)
+            elif kind == "fail" and rank == int(arg):
+                raise RuntimeError("this rank fails on purpose")
+            elif kind == "fail":
+                dist.barrier()  # waits for the failed rank: must end by the timeout, or by the parent killing it
+    except Exception:
+        results["error"] = traceback.format_exc()
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        raise
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
