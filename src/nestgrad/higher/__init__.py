@@ -78,6 +78,11 @@ As in ``higher``
 * ``grad_callback`` (at construction, or per ``step``) maps the list of gradients, in
   ``model.parameters()`` order (``None`` for unused or frozen weights), before the update.
 * ``fmodel(x, params=fast_weights)`` runs with ``fast_weights``, which become the current ones.
+* ``fmodel`` keeps its own train/eval mode per submodule, taken from the model when it is
+  created: a later ``model.eval()`` does not change it, and ``fmodel.eval()`` does not change
+  the model (during a call the module's flags are set, then restored, so one module should not
+  run in two threads at once). Submodules are reached as attributes (``fmodel.encoder``,
+  ``fmodel[0]``) and run with the fast weights when called.
 
 Second-order gradients and attention kernels
 --------------------------------------------
