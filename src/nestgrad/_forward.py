@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._methods import AdjointMethod
+from ._data import Batches
+from ._methods import AdjointMethod, is_out_of_memory, out_of_memory
+from ._rng import replay_rng, rng_state
 from .optim._base import OptState
 
 if TYPE_CHECKING:
     from ._train import Problem
 
 Tangent = Tensor | None  # None: the tangent is zero in every direction
+Mode = Literal["auto", "forward", "double-backward"]
+_MODES: tuple[str, ...] = ("auto", "forward", "double-backward")
+
+
+class ForwardRun(NamedTuple):
+    """How one :class:`Forward` run pushed its tangents through the steps (``Forward.last_run``, ``on_run``).
+
+    Attributes:
+        forward_steps: steps whose tangents came from forward-mode AD (``torch.func.jvp``).
+        double_backward_steps: steps whose tangents came from the double-backward trick.
+        reason: why the double-backward trick ran; ``None`` when it did not. Either
+            ``mode='double-backward'``, or the error that forward-mode AD raised at
+            ``fallback_step`` (e.g. ``ZeroTensors are immutable`` from ``F.mse_loss``).
+        fallback_step: the step at which ``mode="auto"`` switched to the double-backward trick
+            for the rest of the run; ``None`` when it did not.
+    """
+
+    forward_steps: int
+    double_backward_steps: int
+    reason: str | None = None
+    fallback_step: int | None = None
+
+    @property
+    def path(self) -> str:
+        """``"forward-mode"``, ``"double-backward"``, or ``"mixed"`` (forward mode, then the fallback)."""
+        if not self.double_backward_steps:
+            return "forward-mode"
+        return "mixed" if self.forward_steps else "double-backward"
 
 
 class Jacobian(NamedTuple):
@@ -141,8 +172,16 @@ class Forward(AdjointMethod):
 
     max_hparams: int = 4096
     chunk_size: int | None = 16
+    mode: Mode = "auto"
+    on_run: Callable[[ForwardRun], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"nestgrad.Forward: mode must be one of {', '.join(map(repr, _MODES))}; got {self.mode!r}."
+            )
+        if self.on_run is not None and not callable(self.on_run):
+            raise TypeError(f"nestgrad.Forward: on_run must be a callable (e.g. runs.append); got {self.on_run!r}.")
         for name, value, allow_none in (
             ("max_hparams", self.max_hparams, False),
             ("chunk_size", self.chunk_size, True),
@@ -170,8 +209,12 @@ class Forward(AdjointMethod):
             return trained, state, Jacobian({k: None for k in params}, slices, [None] * len(state.tensors()))
         leaves = [h.detach().requires_grad_(h.requires_grad) if isinstance(h, Tensor) else h for h in originals]
         live = problem.with_hparam_tensors(leaves)
+        # Each step's batch is read once, then given to every evaluation of that step.
+        # The training step and its forward-mode evaluation use the same attention kernel (the math one).
+        live = dataclasses.replace(live, batches=Batches(_StepBatch(live.batches), live.steps), math_attention=True)
         wanted = [(h, s) for h, s in zip(leaves, slices, strict=True) if s is not None]
         chunk = self.chunk_size or count
+        record = _Record(self.mode)
         with torch.enable_grad():
             p = {k: v.detach() for k, v in params.items()}
             state = live.init_state(p)
@@ -180,9 +223,26 @@ class Forward(AdjointMethod):
             ds = [None] * len(state.tensors()) if given else _tangents(state.tensors(), [], [], wanted, count, chunk)
             state = _detached(state)
             for t in live.range():
-                p, state, dp, ds = _step(live, t, p, state, dp, ds, wanted, count, chunk)
+                if record.forward_mode:
+                    p, state, dp, ds = _forward_step(live, t, p, state, dp, ds, wanted, count, chunk, record)
+                else:
+                    p, state, dp, ds = _step(live, t, p, state, dp, ds, wanted, count, chunk)
+                    record.double_backward_steps += 1
+        run = record.result()
+        object.__setattr__(self, "_last_run", run)
+        if self.on_run is not None:
+            self.on_run(run)
         kept = ds if problem.returns_state else [None] * len(ds)  # the state's Jacobian only when it is returned
         return p, state, Jacobian(dict(zip(p, dp, strict=True)), slices, kept)
+
+    @property
+    def last_run(self) -> ForwardRun | None:
+        """How the most recent run of this object pushed its tangents (``None`` before any run).
+
+        Shared by every run of this object: with one ``Forward`` used by several threads at
+        once, use ``on_run`` instead.
+        """
+        return getattr(self, "_last_run", None)
 
     def backward(
         self,
@@ -228,6 +288,190 @@ def _step(
     tangents = _tangents([*new_p.values(), *new_s.tensors()], inputs, [*dp, *ds], wanted, count, chunk)
     n = len(new_p)
     return {k: v.detach() for k, v in new_p.items()}, _detached(new_s), tangents[:n], tangents[n:]
+
+
+class _Record:
+    """What a run did so far: which path the next step takes, and the counts for :class:`ForwardRun`."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.forward_mode = mode != "double-backward"
+        self.forward_steps = 0
+        self.double_backward_steps = 0
+        self.reason: str | None = "mode='double-backward'" if mode == "double-backward" else None
+        self.fallback_step: int | None = None
+
+    def fall_back(self, t: int, err: BaseException) -> None:
+        self.forward_mode = False
+        self.fallback_step = t
+        self.reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+    def result(self) -> ForwardRun:
+        return ForwardRun(self.forward_steps, self.double_backward_steps, self.reason, self.fallback_step)
+
+
+class _StepBatch:
+    """``data(t)`` read once per step: every evaluation of step ``t`` gets the same batch object."""
+
+    def __init__(self, source: Callable[[int], Any]) -> None:
+        self.source = source
+        self.t: int | None = None
+        self.batch: Any = None
+
+    def __call__(self, t: int) -> Any:
+        if t != self.t:
+            self.batch, self.t = self.source(t), t
+        return self.batch
+
+
+_NO_FORWARD_MODE = (
+    "nestgrad.Forward(mode='forward'): forward-mode AD (torch.func.jvp of the training step, vmapped over the "
+    "hyperparameter directions) failed at step {t}: {error}. Common causes on torch 2.13: F.mse_loss "
+    '("ZeroTensors are immutable"), F.huber_loss (no forward formula for huber_loss_backward), dropout or other '
+    "random ops (torch.func.vmap draws random numbers differently from training), and modules that update "
+    "buffers in place (BatchNorm in train mode). Use nestgrad.Forward() (mode='auto'), which falls back to the "
+    "exact double-backward trick for such runs, or nestgrad.Forward(mode='double-backward')."
+)
+
+_OTHER_POINT = (
+    "nestgrad.Forward: at step {t}, the forward-mode pass computed another training loss than training did "
+    "({other!r} against {loss!r}), so its tangents would belong to another run. loss_fn must compute "
+    "the same loss each time it is called for a step: randomness from Python's random or NumPy, or any state "
+    "kept between calls, breaks that. Draw random numbers with torch (dropout, torch.rand), or use "
+    "nestgrad.Forward(mode='double-backward'), which differentiates the training step itself."
+)
+
+
+def _forward_step(
+    problem: Problem,
+    t: int,
+    params: dict[str, Tensor],
+    state: OptState,
+    dp: list[Tangent],
+    ds: list[Tangent],
+    wanted: list[tuple[Tensor, tuple[int, int]]],
+    count: int,
+    chunk: int,
+    record: _Record,
+) -> tuple[dict[str, Tensor], OptState, list[Tangent], list[Tangent]]:
+    """Step ``t`` as in training (with every check), then its tangents by forward-mode AD.
+
+    The training step runs first, as :meth:`Problem.fit` runs it (with a graph only while the
+    path from the hyperparameters to the loss is still being checked). Then the tangents are
+    pushed through an evaluation of the same step on the same batch, random generator state and
+    throwaway buffers; when forward-mode AD fails there, ``mode="auto"`` replays the step with a
+    graph and uses the double-backward trick, for this step and the rest of the run.
+    """
+    before = rng_state()
+    if problem.check_path:  # the path check reads the live hyperparameters in the loss's graph
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        new_p, new_s, loss = problem.step(leaves, state, t, create_graph=True)
+        new_p, new_s = {k: v.detach() for k, v in new_p.items()}, _detached(new_s)
+    else:
+        new_p, new_s, loss = problem.step(params, state, t, create_graph=False)
+    skip = {k for k in params if new_s.step[k] == state.step[k]}  # no gradient at this step: left as they are
+    replay = dataclasses.replace(problem, replay=True, check_path=False, strict=False, check_finite=False)
+    try:
+        with replay_rng(before):
+            (jvp_loss, _), tangents = _jvp_tangents(replay, t, params, state, dp, ds, skip, wanted, count, chunk)
+    except (RuntimeError, NotImplementedError) as err:
+        if is_out_of_memory(err):
+            raise out_of_memory("Forward", f"at step {t} of {problem.steps} (chunk_size limits it)") from err
+        if str(err).startswith("nestgrad."):
+            raise
+        if record.mode == "forward":
+            raise RuntimeError(_NO_FORWARD_MODE.format(t=t, error=str(err).splitlines()[0])) from err
+        record.fall_back(t, err)
+        with replay_rng(before):
+            _, _, dp, ds = _step(replay, t, params, state, dp, ds, wanted, count, chunk)
+        record.double_backward_steps += 1
+        return new_p, new_s, dp, ds
+    _check_same_point(t, loss, jvp_loss)
+    record.forward_steps += 1
+    n = len(params)
+    return new_p, new_s, tangents[:n], tangents[n:]
+
+
+def _check_same_point(t: int, loss: Tensor, jvp_loss: Tensor) -> None:
+    """Raise unless the forward-mode pass evaluated step ``t``'s loss where training did.
+
+    Both run the same operations on the same weights and batch, so the losses agree to rounding;
+    a batch or random numbers other than training's give another loss. (The updated weights are
+    not compared: Adam turns the rounding noise of a gradient that is 0 in exact arithmetic into
+    a step of ``lr``, however the gradient was computed.)
+    """
+    eps = torch.finfo(loss.dtype).eps
+    diff = (loss.detach() - jvp_loss.detach()).abs()
+    if not diff <= min(1e3 * eps, 1e-2) * loss.detach().abs():  # also catches a NaN that only one of them has
+        raise RuntimeError(_OTHER_POINT.format(t=t, loss=float(loss), other=float(jvp_loss)))
+
+
+def _jvp_tangents(
+    problem: Problem,
+    t: int,
+    params: dict[str, Tensor],
+    state: OptState,
+    dp: list[Tangent],
+    ds: list[Tangent],
+    skip: set[str],
+    wanted: list[tuple[Tensor, tuple[int, int]]],
+    count: int,
+    chunk: int,
+) -> tuple[tuple[Tensor, list[Tensor]], list[Tangent]]:
+    """The loss and updated weights of step ``t``, and the tangents of the weights and state after it.
+
+    Forward-over-reverse: ``torch.func.jvp`` of the step (``torch.func.grad`` of the loss, then
+    the optimizer update), ``torch.func.vmap``-ed over ``chunk`` directions at a time. The
+    primal inputs are the weights and state slots that have tangents and the hyperparameter
+    leaves with rows in the chunk; everything else is a constant of the step. ``skip`` names
+    the params without a gradient at this step (the optimizer leaves them and their state).
+    """
+    names = list(params)
+    p_vals = list(params.values())
+    s_vals = state.tensors()
+    live = problem.hparam_tensors()
+    position = {id(h): i for i, h in enumerate(live)}
+    consts = [h.detach() for h in live]  # detached: nothing is recorded at autograd's own level
+    p_in = [i for i, z in enumerate(dp) if z is not None]
+    s_in = [i for i, z in enumerate(ds) if z is not None]
+    result: list[Tangent] = [None] * (len(p_vals) + len(s_vals))
+    primal: tuple[Tensor, list[Tensor]] = (torch.zeros(()), [])
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        h_in = [(position[id(h)], h, rows) for h, rows in wanted if rows[0] < stop and rows[1] > start]
+
+        def step(
+            pd: list[Tensor], sd: list[Tensor], hd: list[Tensor], h_in: list[Any] = h_in
+        ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+            pv, sv, hv = list(p_vals), list(s_vals), list(consts)
+            for i, x in zip(p_in, pd, strict=True):
+                pv[i] = x
+            for i, x in zip(s_in, sd, strict=True):
+                sv[i] = x
+            for (i, _, _), x in zip(h_in, hd, strict=True):
+                hv[i] = x
+            run = problem.with_hparam_tensors(hv)
+            grads, loss = torch.func.grad_and_value(lambda q: run.loss(dict(zip(names, q, strict=True)), t))(pv)
+            g = {k: None if k in skip else gk for k, gk in zip(names, grads, strict=True)}
+            new, new_state = run.optimizer.update(g, state.with_tensors(sv), dict(zip(names, pv, strict=True)))
+            return loss, list(new.values()), new_state.tensors()
+
+        primals = ([p_vals[i] for i in p_in], [s_vals[i] for i in s_in], [consts[i] for i, _, _ in h_in])
+        directions = (
+            [dp[i][start:stop] for i in p_in],  # type: ignore[index]
+            [ds[i][start:stop] for i in s_in],  # type: ignore[index]
+            [_unit_directions(h.detach(), a, b, start, stop) for _, h, (a, b) in h_in],
+        )
+        (loss, new_p, _), (_, z_p, z_s) = torch.func.vmap(
+            lambda d, primals=primals, step=step: torch.func.jvp(step, primals, d), out_dims=(None, 0)
+        )(directions)
+        primal = loss, new_p
+        for i, z in enumerate([*z_p, *z_s]):
+            full = result[i]
+            if full is None:
+                full = result[i] = z.new_zeros((count, *z.shape[1:]))
+            full[start:stop] = z
+    return primal, result
 
 
 def _detached(state: OptState) -> OptState:
