@@ -103,34 +103,54 @@ class Forward(AdjointMethod):
     The hyperparameters are the leaves of ``hparams`` and the optimizer's Tensor
     hyperparameters that require grad; another level's trained weights are fine.
 
-    Each Jacobian-vector product uses the double-backward trick: with a dummy cotangent
-    :math:`u`, the step's vector-Jacobian product :math:`g(u) = J^\top u` is built with a
-    graph, and :math:`J v = \partial_u \langle g(u), v \rangle` is one more backward pass,
-    taken for many directions :math:`v` at once (``is_grads_batched``). This works
-    wherever double backward works. (One torch 2.13 gap: ``F.cross_entropy`` on (N, C, d)
-    logits, the 2-D NLL loss, raises "grad_input must be contiguous" in this double backward;
-    flatten to (N·d, C) logits and (N·d,) targets, which gives the same loss.) It was chosen
-    over ``torch.autograd.forward_ad`` and
-    ``torch.func.jvp``, which need a forward-mode formula for every backward op: on
-    torch 2.13 forward-over-reverse fails through ``F.mse_loss`` (``"ZeroTensors are
-    immutable"``, pytorch#123996) and ``F.huber_loss`` (no formula for
-    ``huber_loss_backward``), and ``torch.func`` cannot trace the ``torch.autograd.grad``
-    that every training step calls.
+    Each step's Jacobian-vector products are forward-over-reverse: ``torch.func.jvp`` of
+    the step (``torch.func.grad`` of the loss, then the optimizer update), ``torch.func.vmap``-ed
+    over the hyperparameter directions, ``chunk_size`` at a time. It works on a separate
+    evaluation of the step: the training step itself runs first, exactly as in plain
+    training and with all of ``train``'s checks, and the forward-mode evaluation reuses its
+    batch, its random-generator state and throwaway copies of the buffers, and must reach the
+    same loss (to rounding), or it raises.
 
-    Each step runs once, with a graph, and its tangents come from that same graph, so
-    dropout and any other randomness is the one training used, and consumes the random
-    numbers :class:`~nestgrad.Unroll` would.
+    Where forward-mode AD fails, the default ``mode="auto"`` switches, for that step and the
+    rest of the run, to the **double-backward trick**, which works wherever double backward
+    works: with a dummy cotangent :math:`u`, the step's vector-Jacobian product
+    :math:`g(u) = J^\top u` is built with a graph, and :math:`J v = \partial_u \langle g(u), v
+    \rangle` is one more backward pass, taken for many directions :math:`v` at once
+    (``is_grads_batched``). Both paths are exact (they agree with :class:`~nestgrad.Unroll` to
+    rounding), so the switch never changes a result, only the time. ``Forward.last_run`` (or
+    ``on_run``) says which ran and why (a :class:`ForwardRun`). On torch 2.13, forward mode fails,
+    and the fallback runs, for:
+
+    * ``F.mse_loss`` (``"ZeroTensors are immutable"``, pytorch#123996) and ``F.huber_loss``
+      (no forward formula for ``huber_loss_backward``), and any other op without a
+      forward-mode formula for its backward;
+    * random ops (dropout): ``torch.func.vmap`` draws random numbers differently from
+      training, so Forward lets vmap refuse them and falls back, which keeps the randomness
+      training used (and consumes the random numbers :class:`~nestgrad.Unroll` would);
+    * modules that write buffers in place (BatchNorm in train mode), which functorch refuses;
+    * anything else that ``torch.func`` cannot transform (``torch.autograd.grad`` inside
+      ``loss_fn``, data-dependent control flow on a tangent, ...).
+
+    The double-backward trick has one torch 2.13 gap of its own: ``F.cross_entropy`` on
+    (N, C, d) logits, the 2-D NLL loss, raises "grad_input must be contiguous" in this double
+    backward (forward mode handles it); flatten to (N·d, C) logits and (N·d,) targets, which
+    gives the same loss.
 
     Gradients are w.r.t. the hyperparameters only: the trained weights are not
     connected to the initial weights, and asking for that gradient raises. The backward
     pass treats the Jacobian as a constant, so it gives first derivatives only.
 
     Cost, with :math:`K` hyperparameter elements and :math:`T` steps: memory
-    :math:`O((|W| + |S|)\,K)` for the tangents, independent of :math:`T`; time
-    :math:`O(K\,T)` step-JVPs (a batched backward through a double-backward graph of each
-    step, so a few times the cost of :math:`K` training steps). Use it for long runs with
-    few hyperparameters (learning rates, a few regularization weights, a small per-example
-    weighting); for many hyperparameters use :class:`~nestgrad.Reverse` or
+    :math:`O((|W| + |S|)\,K)` for the tangents, independent of :math:`T`; time :math:`O(K\,T)`
+    step-JVPs. In forward mode a step costs two gradients (training's and the forward-mode
+    evaluation's) plus :math:`K` tangent passes, each about two gradients' worth of arithmetic
+    (every matrix product of the forward and backward pass gets two tangent products), while
+    :class:`~nestgrad.Unroll` costs about three gradients per step: Forward takes about
+    :math:`(2 + 2K)/3` times Unroll's time at best, 1.3x for one hyperparameter and 7x for ten
+    (benchmarks/bench_forward.py; the double-backward trick is about 10% slower than forward
+    mode there). Use it for long runs with few hyperparameters (learning rates, a few
+    regularization weights, a small per-example weighting), where Unroll's memory is the
+    problem; for many hyperparameters use :class:`~nestgrad.Reverse` or
     :class:`~nestgrad.Implicit`.
 
     Args:
@@ -145,13 +165,24 @@ class Forward(AdjointMethod):
             64-256-10 MLP 0.55 s, 0.33-0.35 s and 0.78 s. With 10 hyperparameters, the
             benchmark MLP (1000 examples, 256 hidden units) took about 10% less time and 2.5x
             less memory (29 against 72 MiB) with ``chunk_size=1`` than with 10. Use 1 where
-            memory is tight.
+            memory is tight. (These figures are for the double-backward trick; forward mode
+            evaluates the step's gradient once per chunk, so there fewer, larger chunks are
+            cheaper.)
+        mode: ``"auto"`` (forward mode, falling back to the double-backward trick where it
+            fails, see above), ``"forward"`` (forward mode only: raise where it fails) or
+            ``"double-backward"`` (the double-backward trick for every step).
+        on_run: called at the end of every run's forward pass with its :class:`ForwardRun`
+            (which path ran, and why), e.g. ``runs.append``. ``Forward.last_run`` holds the
+            latest one too.
 
     Example:
         >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> method = nestgrad.Forward()
         >>> trained = nestgrad.train(loss_fn, params, nestgrad.optim.SGD(lr=lr, momentum=0.9),
-        ...                          data, steps=10_000, hparams=A, method=nestgrad.Forward())
+        ...                          data, steps=10_000, hparams=A, method=method)
         >>> dA, dlr = torch.autograd.grad(val_loss(trained), [A, lr])
+        >>> method.last_run.path  # "double-backward" where forward mode failed (see last_run.reason)
+        'forward-mode'
 
     References:
         Franceschi, Donini, Frasconi, Pontil. Forward and Reverse Gradient-Based
@@ -373,7 +404,7 @@ def _forward_step(
     replay = dataclasses.replace(problem, replay=True, check_path=False, strict=False, check_finite=False)
     try:
         with replay_rng(before):
-            (jvp_loss, _), tangents = _jvp_tangents(replay, t, params, state, dp, ds, skip, wanted, count, chunk)
+            losses, tangents = _jvp_tangents(replay, t, params, state, dp, ds, skip, wanted, count, chunk)
     except (RuntimeError, NotImplementedError) as err:
         if is_out_of_memory(err):
             raise out_of_memory("Forward", f"at step {t} of {problem.steps} (chunk_size limits it)") from err
@@ -386,7 +417,8 @@ def _forward_step(
             _, _, dp, ds = _step(replay, t, params, state, dp, ds, wanted, count, chunk)
         record.double_backward_steps += 1
         return new_p, new_s, dp, ds
-    _check_same_point(t, loss, jvp_loss)
+    for jvp_loss in losses:  # one per chunk of directions
+        _check_same_point(t, loss, jvp_loss)
     record.forward_steps += 1
     n = len(params)
     return new_p, new_s, tangents[:n], tangents[n:]
@@ -417,8 +449,8 @@ def _jvp_tangents(
     wanted: list[tuple[Tensor, tuple[int, int]]],
     count: int,
     chunk: int,
-) -> tuple[tuple[Tensor, list[Tensor]], list[Tangent]]:
-    """The loss and updated weights of step ``t``, and the tangents of the weights and state after it.
+) -> tuple[list[Tensor], list[Tangent]]:
+    """Step ``t``'s loss as each chunk evaluated it, and the tangents of the weights and state after the step.
 
     Forward-over-reverse: ``torch.func.jvp`` of the step (``torch.func.grad`` of the loss, then
     the optimizer update), ``torch.func.vmap``-ed over ``chunk`` directions at a time. The
@@ -435,7 +467,7 @@ def _jvp_tangents(
     p_in = [i for i, z in enumerate(dp) if z is not None]
     s_in = [i for i, z in enumerate(ds) if z is not None]
     result: list[Tangent] = [None] * (len(p_vals) + len(s_vals))
-    primal: tuple[Tensor, list[Tensor]] = (torch.zeros(()), [])
+    losses: list[Tensor] = []
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         h_in = [(position[id(h)], h, rows) for h, rows in wanted if rows[0] < stop and rows[1] > start]
@@ -462,16 +494,16 @@ def _jvp_tangents(
             [ds[i][start:stop] for i in s_in],  # type: ignore[index]
             [_unit_directions(h.detach(), a, b, start, stop) for _, h, (a, b) in h_in],
         )
-        (loss, new_p, _), (_, z_p, z_s) = torch.func.vmap(
+        (loss, _, _), (_, z_p, z_s) = torch.func.vmap(
             lambda d, primals=primals, step=step: torch.func.jvp(step, primals, d), out_dims=(None, 0)
         )(directions)
-        primal = loss, new_p
+        losses.append(loss)
         for i, z in enumerate([*z_p, *z_s]):
             full = result[i]
             if full is None:
                 full = result[i] = z.new_zeros((count, *z.shape[1:]))
             full[start:stop] = z
-    return primal, result
+    return losses, result
 
 
 def _detached(state: OptState) -> OptState:
