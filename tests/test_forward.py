@@ -652,3 +652,31 @@ def test_mode_and_on_run_are_checked_and_last_run_starts_empty():
         Forward(on_run=[])
     assert Forward().last_run is None
     assert Forward(on_run=print) == Forward()  # the callback is not part of the method's identity
+
+
+def test_batchnorm_buffers_advance_once_per_step_and_forward_mode_matches_unroll():
+    """The forward-mode evaluation runs on throwaway buffers; the training step advances the run's own."""
+    torch.manual_seed(24)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def loss_fn(p, batch, h):
+        return h * ((ng.call(model, p, x) - y) ** 2).mean()  # not F.mse_loss, which forward mode cannot take
+
+    results = []
+    forward = Forward(mode="forward")
+    for method in (ng.Unroll(), forward):
+        h = torch.tensor(0.7, requires_grad=True)
+        out = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1, momentum=0.5), [None], steps=5, hparams=h, method=method)
+        model.eval()
+        val = ((ng.call(model, {k: out[k] for k in out}, x) - y) ** 2).mean()
+        model.train()
+        results.append((out, torch.autograd.grad(val, h)[0]))
+    assert forward.last_run.path == "forward-mode"
+    (ref, g_ref), (got, g) = results
+    assert got["1.num_batches_tracked"].item() == 5
+    for k in ("1.running_mean", "1.running_var"):
+        assert_close(got[k], ref[k], 1e-12)
+    assert abs(g_ref) > 1e-3
+    assert_close(g, g_ref)
