@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 import nestgrad as ng
 from nestgrad._data import Batches
-from nestgrad._forward import Forward, Jacobian
+from nestgrad._forward import Forward, ForwardRun, Jacobian
 from nestgrad._reverse import Reverse
 from nestgrad._train import Problem
 
@@ -73,17 +73,23 @@ def test_forward_equals_unroll_for_loss_weights_and_optimizer_hparams(name):
     lr = torch.tensor(0.05 if name == "adam" else 0.1, requires_grad=True)
     opt = OPTIMIZERS[name](lr)
     results = {}
-    for method in (ng.Unroll(), Forward()):
+    methods = {"unroll": ng.Unroll(), "forward": Forward(), "double-backward": Forward(mode="double-backward")}
+    for key, method in methods.items():
         trained = ng.train(weighted_loss(model), params, opt, data, steps=12, hparams=(A, scale), method=method)
         grads = torch.autograd.grad(val_loss(model, trained, X, y), [A, lr, *opt.tensors()[1:]])
-        results[type(method).__name__] = trained, grads
-    (w_ref, g_ref), (w, g) = results["Unroll"], results["Forward"]
-    for k in w_ref:
-        assert_close(w[k], w_ref[k], 1e-12)
-    assert len(g) == 3
+        results[key] = trained, grads
+    assert methods["forward"].last_run == ForwardRun(12, 0)  # forward-mode AD at every step, no fallback
+    assert methods["forward"].last_run.path == "forward-mode"
+    assert methods["double-backward"].last_run == ForwardRun(0, 12, "mode='double-backward'")
+    w_ref, g_ref = results["unroll"]
+    assert len(g_ref) == 3
     assert g_ref[0].abs().max() > 1e-4 and g_ref[1].abs() > 1e-4 and g_ref[2].abs() > 1e-4  # all really matter
-    for a, b in zip(g, g_ref):
-        assert_close(a, b)
+    for key in ("forward", "double-backward"):
+        w, g = results[key]
+        for k in w_ref:
+            assert_close(w[k], w_ref[k], 1e-12)
+        for a, b in zip(g, g_ref, strict=True):
+            assert_close(a, b)
 
 
 def test_forward_matches_the_closed_form_of_gradient_descent_on_a_quadratic():
@@ -153,9 +159,8 @@ def test_forward_works_through_mse_and_huber_losses(loss):
         x, target = batch
         return LOSSES[loss](ng.call(model, p, x * scale).squeeze(-1), target)
 
-    grads = []
-    for method in (ng.Unroll(), Forward()):
-        trained = ng.train(
+    def train(method):
+        return ng.train(
             loss_fn,
             params,
             ng.optim.SGD(lr=lr, momentum=0.5),
@@ -164,11 +169,24 @@ def test_forward_works_through_mse_and_huber_losses(loss):
             hparams=s,
             method=method,
         )
-        val = F.mse_loss(ng.call(model, trained, X).squeeze(-1), y)
+
+    grads = []
+    forward = Forward()
+    for method in (ng.Unroll(), forward):
+        val = F.mse_loss(ng.call(model, train(method), X).squeeze(-1), y)
         grads.append(torch.autograd.grad(val, [s, lr]))
     assert grads[0][0].abs().max() > 1e-4
     for a, b in zip(*grads):
         assert_close(a, b)
+    # Forward mode failed (at the first step whose weights had tangents) and the double-backward trick took over.
+    run = forward.last_run
+    assert run.path in ("double-backward", "mixed") and run.fallback_step in (0, 1)
+    assert run.double_backward_steps == 8 - run.fallback_step == 8 - run.forward_steps
+    assert ("ZeroTensors are immutable" if loss == "mse" else "huber_loss_backward") in run.reason
+    with pytest.raises(
+        RuntimeError, match=r"mode='forward'.*failed at step [01].*nestgrad.Forward\(\) \(mode='auto'\)"
+    ):
+        train(Forward(mode="forward"))
 
 
 # torch.autograd.forward_ad loads torch's jvp decompositions, which call the deprecated torch.jit.script.
@@ -367,11 +385,14 @@ def test_dropout_uses_the_randomness_of_training():
         return dA, after
 
     g_ref, rng_ref = run(ng.Unroll(), 10)
-    g, rng = run(Forward(), 10)
+    forward = Forward()
+    g, rng = run(forward, 10)
     g_other, _ = run(Forward(), 11)
     assert_close(g, g_ref)
     assert torch.equal(rng, rng_ref)  # consumed the same random numbers as Unroll
     assert not torch.allclose(g, g_other, rtol=1e-3)  # dropout really changes the result
+    # vmap refuses random ops (it would draw other numbers than training): the double-backward trick ran.
+    assert forward.last_run.path == "double-backward" and "random operation" in forward.last_run.reason
 
 
 @pytest.mark.parametrize("which", ["adagrad", "rprop"])
@@ -493,8 +514,11 @@ def test_many_hparams_and_steps_equal_reverse():
         assert_close(a, b)
 
 
-def test_2d_nll_loss_gap_in_torch_is_explained():
-    """torch 2.13 cannot double-backward the 2-D NLL loss with Forward's cotangents: say how to flatten."""
+def test_2d_nll_loss_gap_of_the_double_backward_trick_is_explained_and_forward_mode_has_none():
+    """torch 2.13 cannot double-backward the 2-D NLL loss with Forward's cotangents: say how to flatten.
+
+    Forward-mode AD has no such gap: the default mode runs it and matches Unroll.
+    """
     torch.manual_seed(0)
     w = {"w": torch.randn(4, 3, requires_grad=True)}
     x = torch.randn(2, 5, 4)
@@ -512,9 +536,147 @@ def test_2d_nll_loss_gap_in_torch_is_explained():
 
     opt = ng.optim.SGD(lr=0.1)
     with pytest.raises(RuntimeError, match=r"flatten\(0, 1\)"):
-        ng.train(seq_loss, w, opt, [None], steps=2, hparams=a, method=Forward())
-    out = ng.train(flat_loss, w, opt, [None], steps=2, hparams=a, method=Forward())
+        ng.train(seq_loss, w, opt, [None], steps=2, hparams=a, method=Forward(mode="double-backward"))
     ref = ng.train(flat_loss, w, opt, [None], steps=2, hparams=a)
-    (g,) = torch.autograd.grad(out["w"].pow(2).sum(), a)
     (g_ref,) = torch.autograd.grad(ref["w"].pow(2).sum(), a)
-    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert g_ref.abs().max() > 1e-4
+    for loss_fn, method in [
+        (flat_loss, Forward(mode="double-backward")),
+        (flat_loss, Forward()),
+        (seq_loss, Forward(mode="forward")),
+    ]:
+        out = ng.train(loss_fn, w, opt, [None], steps=2, hparams=a, method=method)
+        (g,) = torch.autograd.grad(out["w"].pow(2).sum(), a)
+        assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_loss_that_forward_mode_cannot_take_from_some_step_on_falls_back_there_and_stays_exact():
+    """Cross-entropy for two steps, then mean squared error: forward mode, then the double-backward trick."""
+    model, X, y = mlp(18)
+    params = dict(model.named_parameters())
+    A = torch.randn(len(X), generator=torch.Generator().manual_seed(19)).requires_grad_()
+    target = F.one_hot(y, 3).double()
+
+    def loss_fn(p, t, a):
+        out = ng.call(model, p, X)
+        if t < 2:
+            return (torch.sigmoid(a) * F.cross_entropy(out, y, reduction="none")).mean()
+        return F.mse_loss(torch.sigmoid(a)[:, None] * out, target)
+
+    runs = []
+    grads = []
+    for method in (ng.Unroll(), Forward(on_run=runs.append)):
+        trained = ng.train(loss_fn, params, ng.optim.Adam(lr=0.05), lambda t: t, steps=5, hparams=A, method=method)
+        grads.append(torch.autograd.grad(val_loss(model, trained, X, y), A)[0])
+    assert grads[0].abs().max() > 1e-4
+    assert_close(grads[1], grads[0])
+    (run,) = runs
+    assert run.path == "mixed"
+    assert (run.forward_steps, run.double_backward_steps, run.fallback_step) == (2, 3, 2)
+    assert "ZeroTensors are immutable" in run.reason
+
+
+@pytest.mark.parametrize("mode", ["auto", "double-backward"])
+def test_a_given_and_returned_optimizer_state_in_forward_mode(mode):
+    """Start from a state (Adam's moments and step counts), return the final one, differentiate through both."""
+    model, X, y = mlp(20)
+    data = batches(X, y)
+    A = torch.randn(len(X), generator=torch.Generator().manual_seed(21)).requires_grad_()
+    lr = torch.tensor(0.03, requires_grad=True)
+    opt = ng.optim.Adam(lr=lr, betas=(0.8, 0.95))
+    with torch.no_grad():
+        start, state = ng.train(
+            weighted_loss(model), dict(model.named_parameters()), opt, data, steps=3,
+            hparams=(A, torch.tensor(1.0)), return_state=True,
+        )  # fmt: skip
+    start = {k: v.requires_grad_() for k, v in start.items()}
+    results = []
+    forward = Forward(mode=mode)
+    for method in (ng.Unroll(), forward):
+        w, s = ng.train(
+            weighted_loss(model), start, opt, data, steps=6, hparams=(A, torch.tensor(1.0)),
+            state=state, return_state=True, method=method,
+        )  # fmt: skip
+        assert s.step == {k: 9 for k in start}
+        outer = val_loss(model, w, X, y) + sum((x**2).sum() for x in s.tensors())
+        results.append(torch.autograd.grad(outer, [A, lr]))
+    assert forward.last_run.path == ("forward-mode" if mode == "auto" else "double-backward")
+    assert results[0][0].abs().max() > 1e-4 and results[0][1].abs() > 1e-4
+    for a, b in zip(*results, strict=True):
+        assert_close(a, b)
+
+
+def test_a_non_finite_training_step_and_an_infinite_tangent_raise_in_forward_mode():
+    g = torch.Generator().manual_seed(22)
+    X, y = torch.randn(12, 3, generator=g), torch.randn(12, generator=g)
+    A = torch.ones(12, requires_grad=True)
+
+    def loss_fn(p, batch, a):  # "unused" gets a gradient of exactly 0 at every step
+        return (a * (X @ p["w"] - y) ** 2).mean() + 0 * p["unused"].sum() ** 2
+
+    params = {"w": torch.zeros(3, requires_grad=True), "unused": torch.zeros(2, requires_grad=True)}
+    with pytest.raises(ng.NonFiniteError, match="step"):
+        ng.train(loss_fn, params, ng.optim.SGD(lr=1e200), [None], steps=5, hparams=A, method=Forward(mode="forward"))
+    lr = torch.tensor(0.1, requires_grad=True)
+    forward = Forward(mode="forward")
+    w = ng.train(loss_fn, params, ng.optim.Adam(lr=lr, eps_root=0.0), [None], steps=4, hparams=A, method=forward)
+    assert forward.last_run.path == "forward-mode"
+    assert all(torch.isfinite(v).all() for v in w.values())  # training itself is finite; sqrt'(0) is not
+    with pytest.raises(ng.NonFiniteError, match=r"hypergradient is not finite.*eps_root"):
+        torch.autograd.grad((w["w"] ** 2).sum() + (w["unused"] ** 2).sum(), [A, lr])
+
+
+def test_a_loss_that_differs_between_two_calls_of_one_step_raises_instead_of_giving_other_tangents():
+    """Forward mode evaluates each step twice; Python-side state in loss_fn would put the tangents elsewhere."""
+    model, X, y = mlp(23)
+    calls = []
+
+    def loss_fn(p, batch, a):
+        calls.append(None)
+        scale = 1.0 + 0.1 * (len(calls) % 2)  # e.g. a Python random number: not replayed
+        return scale * (a * F.cross_entropy(ng.call(model, p, X), y, reduction="none")).mean()
+
+    A = torch.ones(len(X), requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"at step 0.*another training loss.*mode='double-backward'"):
+        ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.1), [None], steps=3, hparams=A,
+                 method=Forward())  # fmt: skip
+    w = ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.1), [None], steps=3, hparams=A,
+                 method=Forward(mode="double-backward"))  # fmt: skip
+    assert w["0.weight"].requires_grad
+
+
+def test_mode_and_on_run_are_checked_and_last_run_starts_empty():
+    with pytest.raises(ValueError, match=r"mode must be one of 'auto', 'forward', 'double-backward'; got 'jvp'"):
+        Forward(mode="jvp")
+    with pytest.raises(TypeError, match="on_run must be a callable"):
+        Forward(on_run=[])
+    assert Forward().last_run is None
+    assert Forward(on_run=print) == Forward()  # the callback is not part of the method's identity
+
+
+def test_batchnorm_buffers_advance_once_per_step_and_forward_mode_matches_unroll():
+    """The forward-mode evaluation runs on throwaway buffers; the training step advances the run's own."""
+    torch.manual_seed(24)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+    def loss_fn(p, batch, h):
+        return h * ((ng.call(model, p, x) - y) ** 2).mean()  # not F.mse_loss, which forward mode cannot take
+
+    results = []
+    forward = Forward(mode="forward")
+    for method in (ng.Unroll(), forward):
+        h = torch.tensor(0.7, requires_grad=True)
+        out = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1, momentum=0.5), [None], steps=5, hparams=h, method=method)
+        model.eval()
+        val = ((ng.call(model, {k: out[k] for k in out}, x) - y) ** 2).mean()
+        model.train()
+        results.append((out, torch.autograd.grad(val, h)[0]))
+    assert forward.last_run.path == "forward-mode"
+    (ref, g_ref), (got, g) = results
+    assert got["1.num_batches_tracked"].item() == 5
+    for k in ("1.running_mean", "1.running_var"):
+        assert_close(got[k], ref[k], 1e-12)
+    assert abs(g_ref) > 1e-3
+    assert_close(g, g_ref)

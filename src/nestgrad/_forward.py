@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._methods import AdjointMethod
+from ._data import Batches
+from ._methods import AdjointMethod, is_out_of_memory, out_of_memory
+from ._rng import replay_rng, rng_state
 from .optim._base import OptState
 
 if TYPE_CHECKING:
     from ._train import Problem
 
 Tangent = Tensor | None  # None: the tangent is zero in every direction
+Mode = Literal["auto", "forward", "double-backward"]
+_MODES: tuple[str, ...] = ("auto", "forward", "double-backward")
+
+
+class ForwardRun(NamedTuple):
+    """How one :class:`Forward` run pushed its tangents through the steps (``Forward.last_run``, ``on_run``).
+
+    Attributes:
+        forward_steps: steps whose tangents came from forward-mode AD (``torch.func.jvp``).
+        double_backward_steps: steps whose tangents came from the double-backward trick.
+        reason: why the double-backward trick ran; ``None`` when it did not. Either
+            ``mode='double-backward'``, or the error that forward-mode AD raised at
+            ``fallback_step`` (e.g. ``ZeroTensors are immutable`` from ``F.mse_loss``).
+        fallback_step: the step at which ``mode="auto"`` switched to the double-backward trick
+            for the rest of the run; ``None`` when it did not.
+    """
+
+    forward_steps: int
+    double_backward_steps: int
+    reason: str | None = None
+    fallback_step: int | None = None
+
+    @property
+    def path(self) -> str:
+        """``"forward-mode"``, ``"double-backward"``, or ``"mixed"`` (forward mode, then the fallback)."""
+        if not self.double_backward_steps:
+            return "forward-mode"
+        return "mixed" if self.forward_steps else "double-backward"
 
 
 class Jacobian(NamedTuple):
@@ -72,34 +103,54 @@ class Forward(AdjointMethod):
     The hyperparameters are the leaves of ``hparams`` and the optimizer's Tensor
     hyperparameters that require grad; another level's trained weights are fine.
 
-    Each Jacobian-vector product uses the double-backward trick: with a dummy cotangent
-    :math:`u`, the step's vector-Jacobian product :math:`g(u) = J^\top u` is built with a
-    graph, and :math:`J v = \partial_u \langle g(u), v \rangle` is one more backward pass,
-    taken for many directions :math:`v` at once (``is_grads_batched``). This works
-    wherever double backward works. (One torch 2.13 gap: ``F.cross_entropy`` on (N, C, d)
-    logits, the 2-D NLL loss, raises "grad_input must be contiguous" in this double backward;
-    flatten to (N·d, C) logits and (N·d,) targets, which gives the same loss.) It was chosen
-    over ``torch.autograd.forward_ad`` and
-    ``torch.func.jvp``, which need a forward-mode formula for every backward op: on
-    torch 2.13 forward-over-reverse fails through ``F.mse_loss`` (``"ZeroTensors are
-    immutable"``, pytorch#123996) and ``F.huber_loss`` (no formula for
-    ``huber_loss_backward``), and ``torch.func`` cannot trace the ``torch.autograd.grad``
-    that every training step calls.
+    Each step's Jacobian-vector products are forward-over-reverse: ``torch.func.jvp`` of
+    the step (``torch.func.grad`` of the loss, then the optimizer update), ``torch.func.vmap``-ed
+    over the hyperparameter directions, ``chunk_size`` at a time. It works on a separate
+    evaluation of the step: the training step itself runs first, exactly as in plain
+    training and with all of ``train``'s checks, and the forward-mode evaluation reuses its
+    batch, its random-generator state and throwaway copies of the buffers, and must reach the
+    same loss (to rounding), or it raises.
 
-    Each step runs once, with a graph, and its tangents come from that same graph, so
-    dropout and any other randomness is the one training used, and consumes the random
-    numbers :class:`~nestgrad.Unroll` would.
+    Where forward-mode AD fails, the default ``mode="auto"`` switches, for that step and the
+    rest of the run, to the **double-backward trick**, which works wherever double backward
+    works: with a dummy cotangent :math:`u`, the step's vector-Jacobian product
+    :math:`g(u) = J^\top u` is built with a graph, and :math:`J v = \partial_u \langle g(u), v
+    \rangle` is one more backward pass, taken for many directions :math:`v` at once
+    (``is_grads_batched``). Both paths are exact (they agree with :class:`~nestgrad.Unroll` to
+    rounding), so the switch never changes a result, only the time. ``Forward.last_run`` (or
+    ``on_run``) says which ran and why (a :class:`ForwardRun`). On torch 2.13, forward mode fails,
+    and the fallback runs, for:
+
+    * ``F.mse_loss`` (``"ZeroTensors are immutable"``, pytorch#123996) and ``F.huber_loss``
+      (no forward formula for ``huber_loss_backward``), and any other op without a
+      forward-mode formula for its backward;
+    * random ops (dropout): ``torch.func.vmap`` draws random numbers differently from
+      training, so Forward lets vmap refuse them and falls back, which keeps the randomness
+      training used (and consumes the random numbers :class:`~nestgrad.Unroll` would);
+    * modules that write buffers in place (BatchNorm in train mode), which functorch refuses;
+    * anything else that ``torch.func`` cannot transform (``torch.autograd.grad`` inside
+      ``loss_fn``, data-dependent control flow on a tangent, ...).
+
+    The double-backward trick has one torch 2.13 gap of its own: ``F.cross_entropy`` on
+    (N, C, d) logits, the 2-D NLL loss, raises "grad_input must be contiguous" in this double
+    backward (forward mode handles it); flatten to (N·d, C) logits and (N·d,) targets, which
+    gives the same loss.
 
     Gradients are w.r.t. the hyperparameters only: the trained weights are not
     connected to the initial weights, and asking for that gradient raises. The backward
     pass treats the Jacobian as a constant, so it gives first derivatives only.
 
     Cost, with :math:`K` hyperparameter elements and :math:`T` steps: memory
-    :math:`O((|W| + |S|)\,K)` for the tangents, independent of :math:`T`; time
-    :math:`O(K\,T)` step-JVPs (a batched backward through a double-backward graph of each
-    step, so a few times the cost of :math:`K` training steps). Use it for long runs with
-    few hyperparameters (learning rates, a few regularization weights, a small per-example
-    weighting); for many hyperparameters use :class:`~nestgrad.Reverse` or
+    :math:`O((|W| + |S|)\,K)` for the tangents, independent of :math:`T`; time :math:`O(K\,T)`
+    step-JVPs. In forward mode a step costs two gradients (training's and the forward-mode
+    evaluation's) plus :math:`K` tangent passes, each about two gradients' worth of arithmetic
+    (every matrix product of the forward and backward pass gets two tangent products), while
+    :class:`~nestgrad.Unroll` costs about three gradients per step: Forward takes about
+    :math:`(2 + 2K)/3` times Unroll's time at best, 1.3x for one hyperparameter and 7x for ten
+    (benchmarks/bench_forward.py; the double-backward trick is about 10% slower than forward
+    mode there). Use it for long runs with few hyperparameters (learning rates, a few
+    regularization weights, a small per-example weighting), where Unroll's memory is the
+    problem; for many hyperparameters use :class:`~nestgrad.Reverse` or
     :class:`~nestgrad.Implicit`.
 
     Args:
@@ -114,13 +165,24 @@ class Forward(AdjointMethod):
             64-256-10 MLP 0.55 s, 0.33-0.35 s and 0.78 s. With 10 hyperparameters, the
             benchmark MLP (1000 examples, 256 hidden units) took about 10% less time and 2.5x
             less memory (29 against 72 MiB) with ``chunk_size=1`` than with 10. Use 1 where
-            memory is tight.
+            memory is tight. (These figures are for the double-backward trick; forward mode
+            evaluates the step's gradient once per chunk, so there fewer, larger chunks are
+            cheaper.)
+        mode: ``"auto"`` (forward mode, falling back to the double-backward trick where it
+            fails, see above), ``"forward"`` (forward mode only: raise where it fails) or
+            ``"double-backward"`` (the double-backward trick for every step).
+        on_run: called at the end of every run's forward pass with its :class:`ForwardRun`
+            (which path ran, and why), e.g. ``runs.append``. ``Forward.last_run`` holds the
+            latest one too.
 
     Example:
         >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> method = nestgrad.Forward()
         >>> trained = nestgrad.train(loss_fn, params, nestgrad.optim.SGD(lr=lr, momentum=0.9),
-        ...                          data, steps=10_000, hparams=A, method=nestgrad.Forward())
+        ...                          data, steps=10_000, hparams=A, method=method)
         >>> dA, dlr = torch.autograd.grad(val_loss(trained), [A, lr])
+        >>> method.last_run.path  # "double-backward" where forward mode failed (see last_run.reason)
+        'forward-mode'
 
     References:
         Franceschi, Donini, Frasconi, Pontil. Forward and Reverse Gradient-Based
@@ -141,8 +203,16 @@ class Forward(AdjointMethod):
 
     max_hparams: int = 4096
     chunk_size: int | None = 16
+    mode: Mode = "auto"
+    on_run: Callable[[ForwardRun], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"nestgrad.Forward: mode must be one of {', '.join(map(repr, _MODES))}; got {self.mode!r}."
+            )
+        if self.on_run is not None and not callable(self.on_run):
+            raise TypeError(f"nestgrad.Forward: on_run must be a callable (e.g. runs.append); got {self.on_run!r}.")
         for name, value, allow_none in (
             ("max_hparams", self.max_hparams, False),
             ("chunk_size", self.chunk_size, True),
@@ -170,8 +240,12 @@ class Forward(AdjointMethod):
             return trained, state, Jacobian({k: None for k in params}, slices, [None] * len(state.tensors()))
         leaves = [h.detach().requires_grad_(h.requires_grad) if isinstance(h, Tensor) else h for h in originals]
         live = problem.with_hparam_tensors(leaves)
+        # Each step's batch is read once, then given to every evaluation of that step.
+        # The training step and its forward-mode evaluation use the same attention kernel (the math one).
+        live = dataclasses.replace(live, batches=Batches(_StepBatch(live.batches), live.steps), math_attention=True)
         wanted = [(h, s) for h, s in zip(leaves, slices, strict=True) if s is not None]
         chunk = self.chunk_size or count
+        record = _Record(self.mode)
         with torch.enable_grad():
             p = {k: v.detach() for k, v in params.items()}
             state = live.init_state(p)
@@ -180,9 +254,26 @@ class Forward(AdjointMethod):
             ds = [None] * len(state.tensors()) if given else _tangents(state.tensors(), [], [], wanted, count, chunk)
             state = _detached(state)
             for t in live.range():
-                p, state, dp, ds = _step(live, t, p, state, dp, ds, wanted, count, chunk)
+                if record.forward_mode:
+                    p, state, dp, ds = _forward_step(live, t, p, state, dp, ds, wanted, count, chunk, record)
+                else:
+                    p, state, dp, ds = _step(live, t, p, state, dp, ds, wanted, count, chunk)
+                    record.double_backward_steps += 1
+        run = record.result()
+        object.__setattr__(self, "_last_run", run)
+        if self.on_run is not None:
+            self.on_run(run)
         kept = ds if problem.returns_state else [None] * len(ds)  # the state's Jacobian only when it is returned
         return p, state, Jacobian(dict(zip(p, dp, strict=True)), slices, kept)
+
+    @property
+    def last_run(self) -> ForwardRun | None:
+        """How the most recent run of this object pushed its tangents (``None`` before any run).
+
+        Shared by every run of this object: with one ``Forward`` used by several threads at
+        once, use ``on_run`` instead.
+        """
+        return getattr(self, "_last_run", None)
 
     def backward(
         self,
@@ -228,6 +319,191 @@ def _step(
     tangents = _tangents([*new_p.values(), *new_s.tensors()], inputs, [*dp, *ds], wanted, count, chunk)
     n = len(new_p)
     return {k: v.detach() for k, v in new_p.items()}, _detached(new_s), tangents[:n], tangents[n:]
+
+
+class _Record:
+    """What a run did so far: which path the next step takes, and the counts for :class:`ForwardRun`."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.forward_mode = mode != "double-backward"
+        self.forward_steps = 0
+        self.double_backward_steps = 0
+        self.reason: str | None = "mode='double-backward'" if mode == "double-backward" else None
+        self.fallback_step: int | None = None
+
+    def fall_back(self, t: int, err: BaseException) -> None:
+        self.forward_mode = False
+        self.fallback_step = t
+        self.reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+    def result(self) -> ForwardRun:
+        return ForwardRun(self.forward_steps, self.double_backward_steps, self.reason, self.fallback_step)
+
+
+class _StepBatch:
+    """``data(t)`` read once per step: every evaluation of step ``t`` gets the same batch object."""
+
+    def __init__(self, source: Callable[[int], Any]) -> None:
+        self.source = source
+        self.t: int | None = None
+        self.batch: Any = None
+
+    def __call__(self, t: int) -> Any:
+        if t != self.t:
+            self.batch, self.t = self.source(t), t
+        return self.batch
+
+
+_NO_FORWARD_MODE = (
+    "nestgrad.Forward(mode='forward'): forward-mode AD (torch.func.jvp of the training step, vmapped over the "
+    "hyperparameter directions) failed at step {t}: {error}. Common causes on torch 2.13: F.mse_loss "
+    '("ZeroTensors are immutable"), F.huber_loss (no forward formula for huber_loss_backward), dropout or other '
+    "random ops (torch.func.vmap draws random numbers differently from training), and modules that update "
+    "buffers in place (BatchNorm in train mode). Use nestgrad.Forward() (mode='auto'), which falls back to the "
+    "exact double-backward trick for such runs, or nestgrad.Forward(mode='double-backward')."
+)
+
+_OTHER_POINT = (
+    "nestgrad.Forward: at step {t}, the forward-mode pass computed another training loss than training did "
+    "({other!r} against {loss!r}), so its tangents would belong to another run. loss_fn must compute "
+    "the same loss each time it is called for a step: randomness from Python's random or NumPy, or any state "
+    "kept between calls, breaks that. Draw random numbers with torch (dropout, torch.rand), or use "
+    "nestgrad.Forward(mode='double-backward'), which differentiates the training step itself."
+)
+
+
+def _forward_step(
+    problem: Problem,
+    t: int,
+    params: dict[str, Tensor],
+    state: OptState,
+    dp: list[Tangent],
+    ds: list[Tangent],
+    wanted: list[tuple[Tensor, tuple[int, int]]],
+    count: int,
+    chunk: int,
+    record: _Record,
+) -> tuple[dict[str, Tensor], OptState, list[Tangent], list[Tangent]]:
+    """Step ``t`` as in training (with every check), then its tangents by forward-mode AD.
+
+    The training step runs first, as :meth:`Problem.fit` runs it (with a graph only while the
+    path from the hyperparameters to the loss is still being checked). Then the tangents are
+    pushed through an evaluation of the same step on the same batch, random generator state and
+    throwaway buffers; when forward-mode AD fails there, ``mode="auto"`` replays the step with a
+    graph and uses the double-backward trick, for this step and the rest of the run.
+    """
+    before = rng_state()
+    if problem.check_path:  # the path check reads the live hyperparameters in the loss's graph
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        new_p, new_s, loss = problem.step(leaves, state, t, create_graph=True)
+        new_p, new_s = {k: v.detach() for k, v in new_p.items()}, _detached(new_s)
+    else:
+        new_p, new_s, loss = problem.step(params, state, t, create_graph=False)
+    skip = {k for k in params if new_s.step[k] == state.step[k]}  # no gradient at this step: left as they are
+    replay = dataclasses.replace(problem, replay=True, check_path=False, strict=False, check_finite=False)
+    try:
+        with replay_rng(before):
+            losses, tangents = _jvp_tangents(replay, t, params, state, dp, ds, skip, wanted, count, chunk)
+    except (RuntimeError, NotImplementedError) as err:
+        if is_out_of_memory(err):
+            raise out_of_memory("Forward", f"at step {t} of {problem.steps} (chunk_size limits it)") from err
+        if str(err).startswith("nestgrad."):
+            raise
+        if record.mode == "forward":
+            raise RuntimeError(_NO_FORWARD_MODE.format(t=t, error=str(err).splitlines()[0])) from err
+        record.fall_back(t, err)
+        with replay_rng(before):
+            _, _, dp, ds = _step(replay, t, params, state, dp, ds, wanted, count, chunk)
+        record.double_backward_steps += 1
+        return new_p, new_s, dp, ds
+    for jvp_loss in losses:  # one per chunk of directions
+        _check_same_point(t, loss, jvp_loss)
+    record.forward_steps += 1
+    n = len(params)
+    return new_p, new_s, tangents[:n], tangents[n:]
+
+
+def _check_same_point(t: int, loss: Tensor, jvp_loss: Tensor) -> None:
+    """Raise unless the forward-mode pass evaluated step ``t``'s loss where training did.
+
+    Both run the same operations on the same weights and batch, so the losses agree to rounding;
+    a batch or random numbers other than training's give another loss. (The updated weights are
+    not compared: Adam turns the rounding noise of a gradient that is 0 in exact arithmetic into
+    a step of ``lr``, however the gradient was computed.)
+    """
+    eps = torch.finfo(loss.dtype).eps
+    diff = (loss.detach() - jvp_loss.detach()).abs()
+    if not diff <= min(1e3 * eps, 1e-2) * loss.detach().abs():  # also catches a NaN that only one of them has
+        raise RuntimeError(_OTHER_POINT.format(t=t, loss=float(loss), other=float(jvp_loss)))
+
+
+def _jvp_tangents(
+    problem: Problem,
+    t: int,
+    params: dict[str, Tensor],
+    state: OptState,
+    dp: list[Tangent],
+    ds: list[Tangent],
+    skip: set[str],
+    wanted: list[tuple[Tensor, tuple[int, int]]],
+    count: int,
+    chunk: int,
+) -> tuple[list[Tensor], list[Tangent]]:
+    """Step ``t``'s loss as each chunk evaluated it, and the tangents of the weights and state after the step.
+
+    Forward-over-reverse: ``torch.func.jvp`` of the step (``torch.func.grad`` of the loss, then
+    the optimizer update), ``torch.func.vmap``-ed over ``chunk`` directions at a time. The
+    primal inputs are the weights and state slots that have tangents and the hyperparameter
+    leaves with rows in the chunk; everything else is a constant of the step. ``skip`` names
+    the params without a gradient at this step (the optimizer leaves them and their state).
+    """
+    names = list(params)
+    p_vals = list(params.values())
+    s_vals = state.tensors()
+    live = problem.hparam_tensors()
+    position = {id(h): i for i, h in enumerate(live)}
+    consts = [h.detach() for h in live]  # detached: nothing is recorded at autograd's own level
+    p_in = [i for i, z in enumerate(dp) if z is not None]
+    s_in = [i for i, z in enumerate(ds) if z is not None]
+    result: list[Tangent] = [None] * (len(p_vals) + len(s_vals))
+    losses: list[Tensor] = []
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        h_in = [(position[id(h)], h, rows) for h, rows in wanted if rows[0] < stop and rows[1] > start]
+
+        def step(
+            pd: list[Tensor], sd: list[Tensor], hd: list[Tensor], h_in: list[Any] = h_in
+        ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+            pv, sv, hv = list(p_vals), list(s_vals), list(consts)
+            for i, x in zip(p_in, pd, strict=True):
+                pv[i] = x
+            for i, x in zip(s_in, sd, strict=True):
+                sv[i] = x
+            for (i, _, _), x in zip(h_in, hd, strict=True):
+                hv[i] = x
+            run = problem.with_hparam_tensors(hv)
+            grads, loss = torch.func.grad_and_value(lambda q: run.loss(dict(zip(names, q, strict=True)), t))(pv)
+            g = {k: None if k in skip else gk for k, gk in zip(names, grads, strict=True)}
+            new, new_state = run.optimizer.update(g, state.with_tensors(sv), dict(zip(names, pv, strict=True)))
+            return loss, list(new.values()), new_state.tensors()
+
+        primals = ([p_vals[i] for i in p_in], [s_vals[i] for i in s_in], [consts[i] for i, _, _ in h_in])
+        directions = (
+            [dp[i][start:stop] for i in p_in],  # type: ignore[index]
+            [ds[i][start:stop] for i in s_in],  # type: ignore[index]
+            [_unit_directions(h.detach(), a, b, start, stop) for _, h, (a, b) in h_in],
+        )
+        (loss, _, _), (_, z_p, z_s) = torch.func.vmap(
+            lambda d, primals=primals, step=step: torch.func.jvp(step, primals, d), out_dims=(None, 0)
+        )(directions)
+        losses.append(loss)
+        for i, z in enumerate([*z_p, *z_s]):
+            full = result[i]
+            if full is None:
+                full = result[i] = z.new_zeros((count, *z.shape[1:]))
+            full[start:stop] = z
+    return losses, result
 
 
 def _detached(state: OptState) -> OptState:
