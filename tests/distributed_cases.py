@@ -199,6 +199,7 @@ def run_misuse(world: int, rank: int) -> dict[str, str]:
         "values": _error(lambda: train(params={k: v + rank for k, v in params.items()})),
         "empty": _error(lambda: train(data=[(x[: 0 if rank == world - 1 else None], y)])),
         "seed": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1))),
+        "forward_mode": _error(lambda: train(method=ng.Forward(mode="forward"))),
     }
     # After the errors the ranks are still in step: a good call works.
     out["after"] = _error(lambda: train())

@@ -126,6 +126,7 @@ MISUSE = {
     "values": "different values on different ranks",
     "empty": "rank 1 cannot train: its shard of the data is empty",
     "seed": "ranks disagree on method",
+    "forward_mode": "forward-mode AD (torch.func.jvp) cannot carry that collective",
     "mixed": "computed both from the output of a data-parallel computation",
 }
 

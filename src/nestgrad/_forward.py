@@ -76,6 +76,13 @@ _TOO_MANY = (
 )
 
 
+_PARALLEL = (
+    "nestgrad.Forward(mode='forward'): data-parallel training (ng.train(..., parallel=...)) all-reduces each "
+    "step's gradients across ranks, and forward-mode AD (torch.func.jvp) cannot carry that collective. Use "
+    "Forward() (mode='auto', which runs the double-backward trick here) or Forward(mode='double-backward')."
+)
+
+
 @dataclass(frozen=True)
 class Forward(AdjointMethod):
     r"""Forward-mode hypergradients (real-time recurrent learning; "forward-HG" of Franceschi et al., 2017).
@@ -224,6 +231,9 @@ class Forward(AdjointMethod):
                 raise ValueError(f"nestgrad.Forward: {name} must be a positive int{none}; got {value!r}.")
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Jacobian]:
+        if problem.parallel is not None and self.mode == "forward":
+            # torch.func's transforms cannot run the all-reduce of the ranks' gradient tangents.
+            raise ValueError(_PARALLEL)
         originals = problem.hparam_tensors()
         slices: list[tuple[int, int] | None] = []
         count = 0
@@ -246,6 +256,9 @@ class Forward(AdjointMethod):
         wanted = [(h, s) for h, s in zip(leaves, slices, strict=True) if s is not None]
         chunk = self.chunk_size or count
         record = _Record(self.mode)
+        if problem.parallel is not None and record.forward_mode:
+            record.forward_mode = False
+            record.reason = "data-parallel (parallel=...): the double-backward trick all-reduces the tangents"
         with torch.enable_grad():
             p = {k: v.detach() for k, v in params.items()}
             state = live.init_state(p)
