@@ -96,9 +96,28 @@ def test_memory_stores_one_checkpoint_every_k_steps():
         prob = Problem(weighted_loss(model), ng.optim.Adam(lr=0.01), Batches(batches(X, y), steps), steps, A, {})
         _, _, trajectory = ng.Reverse(checkpoint_every=every).forward(prob, params)
         assert len(trajectory.counts) == expected == math.ceil(steps / (every or 1))
-        assert all(b.shape[0] == expected for b in trajectory.buffers)  # one preallocated buffer per tensor
+        # The start is kept by reference, the later checkpoints in one preallocated buffer per tensor.
+        assert all(b.shape[0] == expected - 1 for b in trajectory.buffers)
         assert trajectory.losses.shape[0] == steps
         assert trajectory.rngs.starts.numel() == 0  # no dropout: no RNG state stored (tests/test_replay.py)
+
+
+def test_the_start_is_held_by_reference_and_a_given_state_is_copied():
+    """T steps hold T copies of weights and state (as an unrolled graph does), not T + 1."""
+    model, X, y = problem(0)
+    A = torch.zeros(len(X))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = ng.optim.Adam(lr=0.01)
+    prob = Problem(weighted_loss(model), opt, Batches(batches(X, y), 3), 3, A, {})
+    _, _, trajectory = ng.Reverse().forward(prob, params)
+    start, state = trajectory.checkpoint(0)
+    assert all(start[k].data_ptr() == params[k].data_ptr() for k in params)
+    given = opt.init(params)
+    prob = Problem(weighted_loss(model), opt, Batches(batches(X, y), 3), 3, A, {}, state=given)
+    _, _, trajectory = ng.Reverse().forward(prob, params)
+    _, state = trajectory.checkpoint(0)
+    for mine, theirs in zip(state.tensors(), given.tensors(), strict=True):
+        assert mine.data_ptr() != theirs.data_ptr() and torch.equal(mine, theirs)
 
 
 def test_levels_compose_with_unroll():

@@ -74,7 +74,7 @@ class Reverse(AdjointMethod):
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
         problem = dataclasses.replace(problem, math_attention=True)  # the kernel the recomputation needs
-        trajectory = _Trajectory(problem.steps, self.checkpoint_every or 1)
+        trajectory = _Trajectory(problem.steps, self.checkpoint_every or 1, own_state=problem.state is None)
         trained, state = problem.fit(params, before_step=trajectory.save, after_step=trajectory.save_loss)
         return trained, state, trajectory
 
@@ -89,6 +89,7 @@ class Reverse(AdjointMethod):
         live = problem.with_hparam_tensors(leaves)
         wanted = [h for h in leaves if h.requires_grad]
         grad_hp: list[Tensor | None] = [None] * len(wanted)
+        owned = [False] * len(wanted)  # grad_hp[i] is a sum this pass allocated: later terms go in place
         grad_p: dict[str, Tensor | None] = dict(grads)
         # None: the final state does not reach the loss (unless it was returned and differentiated)
         grad_s: list[Tensor | None] | None = state_grads if any(g is not None for g in state_grads or []) else None
@@ -108,7 +109,8 @@ class Reverse(AdjointMethod):
                 losses.append((t, loss))
             for t in reversed(range(start, stop)):
                 p, s, rng = states.pop(t)
-                grad_p, grad_s, grad_hp, loss, end = _vjp(live, t, rng, p, s, grad_p, grad_s, wanted, grad_hp)
+                grad_p, grad_s, step_hp, loss, end = _vjp(live, t, rng, p, s, grad_p, grad_s, wanted)
+                _accumulate(grad_hp, step_hp, owned)
                 if t == stop - 1:  # the whole segment has been replayed: first its RNG, then its losses
                     where = f"step {t}" if start == t else f"steps {start}-{t}"
                     if trajectory.rngs.check_end(segment, first, end, where, "Reverse"):
@@ -141,10 +143,17 @@ class _Trajectory:
     activations fragments the heap: glibc then holds 3-6 times the bytes stored. One
     buffer per tensor, written in place, does not. RNG states are kept per checkpoint,
     and only where the steps that follow draw random numbers (:class:`RngLog`).
+
+    The start of the run is kept by reference, not copied: the weights are ``train``'s
+    private clones and a fresh optimizer state is the run's own, and neither is ever
+    written in place (updates are out of place, and a write by ``loss_fn`` raises). So a
+    run of ``T`` steps holds ``T`` copies of the weights and state, with the final ones,
+    as an unrolled graph does. A state given to ``train`` is the caller's, so it is copied.
     """
 
-    def __init__(self, steps: int, every: int) -> None:
-        self.steps, self.every = steps, every
+    def __init__(self, steps: int, every: int, own_state: bool = True) -> None:
+        self.steps, self.every, self.own_state = steps, every, own_state
+        self.first: list[Tensor] = []
         self.buffers: list[Tensor] = []
         self.names: list[str] = []
         self.template: OptState | None = None
@@ -155,12 +164,15 @@ class _Trajectory:
     def save(self, t: int, params: dict[str, Tensor], state: OptState) -> None:
         tensors = [*params.values(), *state.tensors()]
         if t == 0:
-            n = -(-self.steps // self.every)
-            self.buffers = [x.new_empty((n, *x.shape)) for x in tensors]
+            n = -(-self.steps // self.every) - 1  # checkpoints after the first
+            self.buffers = [x.new_empty((n, *x.shape)) for x in tensors] if n else []
             self.names, self.template = list(params), state
-        if t % self.every == 0:
+            own = len(params) if not self.own_state else len(tensors)
+            self.first = [x.detach() if i < own else x.detach().clone() for i, x in enumerate(tensors)]
+        elif t % self.every == 0:
             for buffer, x in zip(self.buffers, tensors, strict=True):
-                buffer[t // self.every].copy_(x)
+                buffer[t // self.every - 1].copy_(x)
+        if t % self.every == 0:
             self.counts[t] = dict(state.step)
         self.rngs.record(t)
 
@@ -173,7 +185,7 @@ class _Trajectory:
 
     def checkpoint(self, t: int) -> tuple[dict[str, Tensor], OptState]:
         assert self.template is not None
-        values = [buffer[t // self.every] for buffer in self.buffers]
+        values = self.first if t == 0 else [buffer[t // self.every - 1] for buffer in self.buffers]
         n = len(self.names)
         state = self.template.with_tensors(values[n:])
         return dict(zip(self.names, values[:n], strict=True)), OptState(self.counts[t], state.slots)
@@ -188,11 +200,12 @@ def _vjp(
     grad_p: dict[str, Tensor | None],
     grad_s: list[Tensor | None] | None,
     hparams: list[Tensor],
-    grad_hp: list[Tensor | None],
 ) -> tuple[dict[str, Tensor | None], list[Tensor | None], list[Tensor | None], Tensor, RngState]:
     """Recompute step ``t`` with a graph and pull the cotangents back through it.
 
-    Also returns the RNG state right after the step's loss and update, to check the replay.
+    Returns the cotangents of the step's weights and state, the step's contribution to the
+    gradients of ``hparams``, the loss, and the RNG state right after the step's loss and
+    update (to check the replay).
     """
     with torch.enable_grad(), replay_rng(rng):
         p = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -214,9 +227,26 @@ def _vjp(
     new_grad_p = dict(zip(p, got[:n], strict=True))
     it = iter(got[n : len(inputs) - len(hparams)])
     new_grad_s = [next(it) if x.requires_grad else None for x in s.tensors()]
-    step_hp = got[len(inputs) - len(hparams) :]
-    grad_hp = [a if b is None else b if a is None else a + b for a, b in zip(grad_hp, step_hp, strict=True)]
-    return new_grad_p, new_grad_s, grad_hp, loss, end
+    return new_grad_p, new_grad_s, list(got[len(inputs) - len(hparams) :]), loss, end
+
+
+def _accumulate(total: list[Tensor | None], step: list[Tensor | None], owned: list[bool]) -> None:
+    """``total += step``, elementwise, in place where ``total`` holds a sum this pass allocated.
+
+    A step's own gradient may alias another tensor of the pass (autograd passes gradients
+    through identity-like ops), so it is never written; the first sum is a new tensor, and
+    later terms are added into it: with a level's weights as hparams, no third copy of them.
+    """
+    for i, b in enumerate(step):
+        a = total[i]
+        if b is None:
+            continue
+        if a is None:
+            total[i] = b
+        elif owned[i] and not (a.requires_grad or b.requires_grad):
+            a.add_(b)
+        else:
+            total[i], owned[i] = a + b, True
 
 
 _NOT_REPLAYED = (
