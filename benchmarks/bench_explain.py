@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import nestgrad as ng
-import nestgrad._train as ng_train
+import nestgrad._problem as ng_train
 from bench_unroll import _load, machine
 
 

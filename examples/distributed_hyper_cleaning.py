@@ -5,7 +5,7 @@ Run with::
     torchrun --nproc_per_node 2 examples/distributed_hyper_cleaning.py            # gloo, CPU
     torchrun --nproc_per_node 2 examples/distributed_hyper_cleaning.py --outer-steps 40
 
-The demo's problem (``nestgrad._demo``, ``--mode full``): 1000 training images, half of them with a
+The demo's problem (``nestgrad.demos._demo``, ``--mode full``): 1000 training images, half of them with a
 wrong label, one weight per training image, learned by hypergradient descent on the validation loss.
 Each outer step trains an MLP from the same initial weights for 100 full-batch steps on the weighted
 training images plus the validation images, and moves the weights' logits along
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import nestgrad as ng
-from nestgrad._demo import DEFAULT_RECIPE, INIT_WEIGHT, OUTER_LR, accuracy, detection_scores, load_data
+from nestgrad.demos._demo import DEFAULT_RECIPE, INIT_WEIGHT, OUTER_LR, accuracy, detection_scores, load_data
 
 
 def main() -> None:

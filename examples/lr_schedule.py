@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import nestgrad as ng
-from nestgrad._demo import load_data
+from nestgrad.demos._demo import load_data
 
 
 def make_model(seed: int) -> nn.Module:

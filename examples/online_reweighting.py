@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import nestgrad as ng
-from nestgrad._demo import load_data
+from nestgrad.demos._demo import load_data
 
 CHECKPOINT_NAME = "checkpoint.pt"
 THRESHOLD = 0.5  # an example is predicted clean when its learned weight is above this

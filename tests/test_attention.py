@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import nestgrad as ng
 from nestgrad._attention import _math_sdpa
 from nestgrad._data import Batches
-from nestgrad._train import Problem
+from nestgrad._problem import Problem
 
 
 def flags() -> tuple[bool, bool, bool, bool]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import nestgrad as ng
-from nestgrad._check import CheckResult, Direction, check
+from nestgrad.diagnostics._check import CheckResult, Direction, check
 
 pytestmark = pytest.mark.usefixtures("float64")
 

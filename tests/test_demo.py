@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 import nestgrad as ng
-from nestgrad import _cli, _demo, _demo3
+from nestgrad.demos import _cli, _demo, _demo3
 
 
 def test_load_data_split_and_exactly_half_the_labels_flipped():

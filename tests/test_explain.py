@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import nestgrad as ng
-from nestgrad._explain import (
+from nestgrad.diagnostics._explain import (
     DisconnectedError,
     PartialPathWarning,
     PathReport,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import nestgrad as ng
 from nestgrad._data import Batches
-from nestgrad._finite_diff import FiniteDiff
+from nestgrad.methods._finite_diff import FiniteDiff
 from test_train import batches, weighted_loss
 from test_train import problem as mlp_problem
 

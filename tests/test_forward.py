@@ -12,9 +12,9 @@ import torch.utils._pytree as pytree
 
 import nestgrad as ng
 from nestgrad._data import Batches
-from nestgrad._forward import Forward, ForwardRun, Jacobian
-from nestgrad._reverse import Reverse
-from nestgrad._train import Problem
+from nestgrad._problem import Problem
+from nestgrad.methods._forward import Forward, ForwardRun, Jacobian
+from nestgrad.methods._reverse import Reverse
 
 pytestmark = pytest.mark.usefixtures("float64")
 

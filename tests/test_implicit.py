@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import nestgrad as ng
-from nestgrad._implicit import Implicit
-from nestgrad._reverse import Reverse
-from nestgrad._solvers import CG, ConvergenceWarning, FixedPoint, Neumann, Solution
+from nestgrad.methods._implicit import Implicit
+from nestgrad.methods._reverse import Reverse
+from nestgrad.methods._solvers import CG, ConvergenceWarning, FixedPoint, Neumann, Solution
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -178,7 +178,7 @@ def test_backward_costs_k_plus_2_gradient_evaluations_whatever_the_number_of_ste
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     # Implicit's products call the engine as torch.autograd.grad does: count those calls too.
-    import nestgrad._implicit as implicit_module
+    import nestgrad.methods._implicit as implicit_module
 
     engine = implicit_module._ENGINE
     assert engine is not None
@@ -501,7 +501,7 @@ def test_solvers_handle_mixed_dtypes_and_a_matvec_in_another_dtype(solver):
 
 
 def test_vjp_fast_path_equals_torch_autograd_grad_and_falls_back_for_anything_else():
-    from nestgrad._implicit import _vjp
+    from nestgrad.methods._implicit import _vjp
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5, generator=g, requires_grad=True)

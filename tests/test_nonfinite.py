@@ -127,7 +127,7 @@ def test_finite_diff_no_longer_turns_a_nan_run_into_a_zero_hypergradient():
 
 def test_the_flags_are_read_in_batches_off_the_cpu(monkeypatch):
     """The accelerator path (flags kept on the device, read every CHECK_EVERY steps), run on the CPU."""
-    import nestgrad._train as train_module
+    import nestgrad._problem as train_module
 
     class OnDevice:  # a flag that claims to live on an accelerator, so that nothing is read per step
         def __init__(self, flag):

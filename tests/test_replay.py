@@ -13,7 +13,7 @@ from torch import nn
 
 import nestgrad as ng
 from nestgrad._data import Batches, ReplayError
-from nestgrad._train import Problem
+from nestgrad._problem import Problem
 from test_reverse import OPTIMIZERS, hypergrads, rel, with_dropout
 from test_train import batches, problem, val_loss, weighted_loss
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import nestgrad as ng
 from nestgrad._data import Batches
-from nestgrad._train import Problem
+from nestgrad._problem import Problem
 from test_train import batches, problem, val_loss, weighted_loss
 
 pytestmark = pytest.mark.usefixtures("float64")

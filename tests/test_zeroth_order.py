@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import nestgrad as ng
-from nestgrad._zeroth_order import ZerothOrder
+from nestgrad.methods._zeroth_order import ZerothOrder
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -1,58 +1,104 @@
 """nestgrad: differentiate through training.
 
-The whole public API is listed here; implementations live in private modules.
+The whole public API is listed here. The layout of the package:
+
+* the core: :func:`train` (``_train``), :class:`Problem` (``_problem``), :func:`call`,
+  data and buffers, :class:`Tasks`, :class:`DataParallel` and :mod:`nestgrad.distributed`;
+* :mod:`nestgrad.optim`: the differentiable optimizers;
+* :mod:`nestgrad.methods`: how gradients get back through a run (``Unroll``, ``Reverse``, ...);
+* :mod:`nestgrad.diagnostics`: ``explain`` and ``check``;
+* :mod:`nestgrad.higher`: a drop-in for the ``higher`` library;
+* ``nestgrad.demos``: the ``nestgrad`` command line.
+
+Names are imported on first use (PEP 562), so ``import nestgrad`` and ``nestgrad --help`` do
+not load torch; ``nestgrad.train`` and every other name below behave as ordinary attributes.
 """
 
-from . import distributed, higher, optim
-from ._call import call
-from ._check import CheckResult, check
-from ._data import ReplayError
-from ._distributed import DataParallel
-from ._explain import DisconnectedError, PartialPathWarning, PathReport, explain, tracking
-from ._finite_diff import FiniteDiff
-from ._forward import Forward
-from ._implicit import Implicit
-from ._methods import AdjointMethod, Method, Unroll
-from ._nonfinite import NonFiniteError
-from ._reverse import Reverse
-from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Neumann, Solution
-from ._tasks import Tasks
-from ._train import LossFn, Problem, train
-from ._zeroth_order import ZerothOrder
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CG",
-    "AdjointMethod",
-    "CheckResult",
-    "ConvergenceWarning",
-    "DataParallel",
-    "DisconnectedError",
-    "FiniteDiff",
-    "FixedPoint",
-    "Forward",
-    "Implicit",
-    "LinearSolver",
-    "LossFn",
-    "Method",
-    "Neumann",
-    "NonFiniteError",
-    "PartialPathWarning",
-    "PathReport",
-    "Problem",
-    "ReplayError",
-    "Reverse",
-    "Solution",
-    "Tasks",
-    "Unroll",
-    "ZerothOrder",
-    "call",
-    "check",
-    "distributed",
-    "explain",
-    "higher",
-    "optim",
-    "tracking",
-    "train",
-]
+# name -> the module that defines it (relative to this package)
+_NAMES: dict[str, str] = {
+    "train": "._train",
+    "LossFn": "._problem",
+    "Problem": "._problem",
+    "call": "._call",
+    "Tasks": "._tasks",
+    "DataParallel": "._distributed",
+    "ReplayError": "._data",
+    "NonFiniteError": "._nonfinite",
+    "Method": ".methods",
+    "AdjointMethod": ".methods",
+    "Unroll": ".methods",
+    "Reverse": ".methods",
+    "Forward": ".methods",
+    "ForwardRun": ".methods",
+    "Implicit": ".methods",
+    "FiniteDiff": ".methods",
+    "ZerothOrder": ".methods",
+    "CG": ".methods",
+    "Neumann": ".methods",
+    "FixedPoint": ".methods",
+    "LinearSolver": ".methods",
+    "Solution": ".methods",
+    "ConvergenceWarning": ".methods",
+    "check": ".diagnostics",
+    "CheckResult": ".diagnostics",
+    "explain": ".diagnostics",
+    "tracking": ".diagnostics",
+    "DisconnectedError": ".diagnostics",
+    "PartialPathWarning": ".diagnostics",
+    "PathReport": ".diagnostics",
+}
+_SUBMODULES = ("optim", "methods", "diagnostics", "higher", "distributed")
+
+__all__ = sorted([*_NAMES, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name], __name__), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
+    raise AttributeError(f"module 'nestgrad' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import diagnostics, distributed, higher, methods, optim
+    from ._call import call
+    from ._data import ReplayError
+    from ._distributed import DataParallel
+    from ._nonfinite import NonFiniteError
+    from ._problem import LossFn, Problem
+    from ._tasks import Tasks
+    from ._train import train
+    from .diagnostics import CheckResult, DisconnectedError, PartialPathWarning, PathReport, check, explain, tracking
+    from .methods import (
+        CG,
+        AdjointMethod,
+        ConvergenceWarning,
+        FiniteDiff,
+        FixedPoint,
+        Forward,
+        ForwardRun,
+        Implicit,
+        LinearSolver,
+        Method,
+        Neumann,
+        Reverse,
+        Solution,
+        Unroll,
+        ZerothOrder,
+    )

@@ -200,9 +200,7 @@ class Sync:
         ranks, gives the gradient of the sum over ranks of ``<v_r, trained>``, as the convention
         says. Reverse replays the steps' graphs (and their all-reduces): it needs nothing here.
         """
-        from ._reverse import Reverse
-
-        if isinstance(method, Reverse):
+        if getattr(method, "replays_steps", False):
             return list(grads), list(state_grads)
         live = [i for i, g in enumerate(state_grads) if g is not None]
         reduced = all_reduce([*grads, *(state_grads[i] for i in live)], self, mean=True)
@@ -457,12 +455,11 @@ def _empty_shard(data: Any) -> str | None:
 
 def _method_key(method: Any) -> str:
     """The method and its settings; for ZerothOrder also the state of its direction generator."""
-    from ._zeroth_order import ZerothOrder
-
     fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.repr}
     key = f"{type(method).__name__}{sorted(fields.items(), key=lambda kv: kv[0])!r}"
-    if isinstance(method, ZerothOrder):
-        key += " generator " + hashlib.sha1(method._generator.get_state().numpy().tobytes()).hexdigest()[:12]
+    generator = getattr(method, "_generator", None)  # ZerothOrder's directions
+    if isinstance(generator, torch.Generator):
+        key += " generator " + hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest()[:12]
     return key
 
 

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._data import Batches
-from ._methods import AdjointMethod
-from ._rng import replay_rng, rng_state
-from ._train import detach_tree
-from .optim._base import OptState
+from .._data import Batches
+from .._problem import detach_tree
+from .._rng import replay_rng, rng_state
+from ..optim._base import OptState
+from ._base import AdjointMethod
 
 if TYPE_CHECKING:
-    from ._train import Problem
+    from .._problem import Problem
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ _NEED_FN = (
 
 _WALK_LIMIT = 512  # graph nodes one operation may look through before falling back to requires_grad
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the nestgrad package
 _THIS = os.path.abspath(__file__)
 # Frames that only pass a call on: this module, and the attention mode that ng.train installs
 # (a call made through it was still written by the user).

@@ -13,15 +13,15 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from ._data import Batches
-from ._methods import AdjointMethod
-from ._rng import RngState, replay_rng, rng_state
+from .._data import Batches
+from .._rng import RngState, replay_rng, rng_state
+from ..optim._base import Optimizer, OptState
+from ..optim._ops import is_zero
+from ._base import AdjointMethod
 from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Solution, explain
-from .optim._base import Optimizer, OptState
-from .optim._ops import is_zero
 
 if TYPE_CHECKING:
-    from ._train import Problem
+    from .._problem import Problem
 
 _NOT_A_SOLVER = (
     "nestgrad.Implicit: solver must be a linear solver object: nestgrad.CG(max_steps, tol), "

@@ -11,18 +11,19 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._data import Batches
-from ._nonfinite import any_nonfinite, backward_error, bad_names, watch_gradients
-from .optim._base import OptState
+from .._data import Batches
+from .._nonfinite import any_nonfinite, backward_error, bad_names, watch_gradients
+from .._problem import is_out_of_memory, out_of_memory
+from ..optim._base import OptState
 
 if TYPE_CHECKING:
-    from ._train import Problem
+    from .._problem import Problem
 
 
 class Method(abc.ABC):
     """Base class of the hypergradient methods passed as ``train(..., method=...)``.
 
-    A method receives a :class:`~nestgrad._train.Problem` and the trainable
+    A method receives a :class:`~nestgrad.Problem` and the trainable
     initial weights, runs the training, and returns the trained weights wired
     into autograd however it sees fit.
     """
@@ -65,6 +66,9 @@ class AdjointMethod(Method):
     #: and returns a third element, dL/d(initial state tensors). Methods without it raise when the
     #: final state returned by ``train(..., return_state=True)`` is differentiated.
     differentiates_state: ClassVar[bool] = False
+    # Whether ``backward`` re-runs the training steps with a graph, so that a data-parallel
+    # run's all-reduces are replayed too (otherwise the cotangent is averaged across ranks first).
+    replays_steps: ClassVar[bool] = False
     #: What :meth:`backward` reads again of the user's tensors: some of "params" (the initial weights),
     #: "hparams", "frozen" and "trained" (the outputs). Changing them in place before backward raises.
     rereads: ClassVar[frozenset[str]] = frozenset({"hparams", "frozen"})
@@ -235,22 +239,6 @@ def _check_hypergradient(
     named |= {k: g for k, g in zip(names, grad_hparams, strict=False) if g is not None}
     what = "the hypergradient is not finite although the training run and the incoming gradient were, for"
     raise backward_error(name, what, bad_names(named), named, hint)  # type: ignore[arg-type]
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocator's out-of-memory error (CUDA's, or the CPU's plain RuntimeError)."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
-
-
-def out_of_memory(method: str, where: str) -> torch.OutOfMemoryError:
-    """The allocator's out-of-memory error, re-raised with the method, the step and what uses less memory."""
-    return torch.OutOfMemoryError(
-        f"nestgrad.train ({method}): out of memory {where}. Memory per method, for T steps: Unroll keeps T "
-        f"autograd graphs; Unroll(truncate=k) keeps k; Reverse() keeps T copies of the weights and optimizer "
-        f"state instead of graphs; Reverse(checkpoint_every=k) keeps T/k copies and one segment of k steps "
-        f"(k = sqrt(T) is the classic choice); Forward() and Implicit() keep memory independent of T. Smaller "
-        f"batches, or float32 instead of float64, help every method."
-    )
 
 
 @dataclass(frozen=True)

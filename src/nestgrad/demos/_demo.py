@@ -18,7 +18,7 @@ Two ways to run the outer loop (``mode``):
 
 The pieces are plain functions (:func:`load_data`, :func:`fit`,
 :func:`learn_weights`, :func:`run`, ...) so that other front ends and tests can
-reuse them; ``nestgrad._cli`` is only an argparse wrapper around :func:`run`.
+reuse them; ``nestgrad.demos._cli`` is only an argparse wrapper around :func:`run`.
 """
 
 from __future__ import annotations
@@ -38,19 +38,13 @@ from torch import Tensor, nn
 
 import nestgrad as ng
 
-from ._train import LossFn
+from .._problem import LossFn
+from ._defaults import DEFAULT_MODE, DEFAULT_OUT, DEFAULT_STEPS, FULL_STEPS, MODES
 
 N_TRAIN = 1000
 N_VAL = 300
 NOISE = 0.5
 N_CLASSES = 10
-MODES = ("online", "full")
-DEFAULT_MODE = "online"
-DEFAULT_STEPS = 400
-"""Outer steps of the default (online) mode."""
-FULL_STEPS = 100
-"""Outer steps of ``mode="full"``."""
-DEFAULT_OUT = "nestgrad-demo"
 FIGURE_NAME = "hyper_cleaning.png"
 OUTER_LR = 0.2
 INIT_WEIGHT = 0.3

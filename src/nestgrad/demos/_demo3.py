@@ -1,6 +1,6 @@
 """``nestgrad demo --levels 3``: teacher -> student hyper-cleaning on scikit-learn's digits.
 
-The same data as the two-level demo (:func:`nestgrad._demo.load_data`: 1000
+The same data as the two-level demo (:func:`nestgrad.demos._demo.load_data`: 1000
 training images with half of the labels flipped, 300 clean validation images,
 497 clean test images). Three nested levels:
 
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 import nestgrad as ng
 
 from . import _demo
+from ._defaults import DEFAULT_STEPS_3 as DEFAULT_STEPS
 from ._demo import (
     DEFAULT_OUT,
     THRESHOLD,
@@ -51,7 +52,6 @@ from ._demo import (
     torch_threads,
 )
 
-DEFAULT_STEPS = 40
 FIGURE_NAME = "teacher_student.png"
 OUTER_LR = 0.3
 INIT_WEIGHT = 0.3
@@ -152,7 +152,7 @@ def learn_weights(
     """Learn one weight per training example from the student's clean validation loss.
 
     Each outer step trains a teacher from scratch on the weighted data (see
-    :func:`nestgrad._demo.inner_data`, unnormalized loss), a student from
+    :func:`nestgrad.demos._demo.inner_data`, unnormalized loss), a student from
     scratch on the teacher's soft labels of the training images, computes the
     student's validation cross-entropy, and moves the logits ``a`` (weights
     ``sigmoid(a)``) with ``torch.optim.Adam`` along ``d val_loss / d a``, which
@@ -253,7 +253,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the three-level demo: data, hyper-cleaning through teacher and student, baselines, figure.
 
-    Returns the same keys as :func:`nestgrad._demo.run` (``accuracy`` holds the
+    Returns the same keys as :func:`nestgrad.demos._demo.run` (``accuracy`` holds the
     students' test accuracies), plus ``first_grad``: the hypergradient of the
     student's validation loss w.r.t. the weight logits at the first outer step.
     Test labels are used for reporting only.

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._data import Batches, ReplayError
-from ._methods import AdjointMethod
-from ._rng import RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
-from .optim._base import OptState
+from .._data import Batches, ReplayError
+from .._rng import RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
+from ..optim._base import OptState
+from ._base import AdjointMethod
 
 if TYPE_CHECKING:
-    from ._train import Problem
+    from .._problem import Problem
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Reverse(AdjointMethod):
     checkpoint_every: int | None = None
 
     differentiates_state: ClassVar[bool] = True
+    replays_steps: ClassVar[bool] = True
     nonfinite_hint: ClassVar[str] = (
         "The adjoint pulled back through the stored steps overflowed or met an infinite derivative: with "
         "Adam/RMSprop/Adagrad keep eps_root > 0 (the default 1e-30), since sqrt has an infinite derivative "

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from ._data import Batches
-from ._methods import AdjointMethod, is_out_of_memory, out_of_memory
-from ._rng import replay_rng, rng_state
-from .optim._base import OptState
+from .._data import Batches
+from .._problem import is_out_of_memory, out_of_memory
+from .._rng import replay_rng, rng_state
+from ..optim._base import OptState
+from ._base import AdjointMethod
 
 if TYPE_CHECKING:
-    from ._train import Problem
+    from .._problem import Problem
 
 Tangent = Tensor | None  # None: the tangent is zero in every direction
 Mode = Literal["auto", "forward", "double-backward"]

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._data import Batches, ReplayError
-from ._methods import AdjointMethod
-from ._nonfinite import NonFiniteError
-from ._rng import RngState, replay_rng, rng_key, rng_state, threads_cause
+from .._data import Batches, ReplayError
+from .._nonfinite import NonFiniteError
+from .._rng import RngState, replay_rng, rng_key, rng_state, threads_cause
+from ._base import AdjointMethod
 
 if TYPE_CHECKING:
-    from ._train import Problem
+    from .._problem import Problem
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The ``nestgrad`` console script: a thin argparse front end.
 
 Each subcommand is a function that takes the parsed arguments and returns an
-exit code; the work itself lives in library modules (``nestgrad._demo``).
+exit code; the work itself lives in library modules (``nestgrad.demos._demo``).
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nestgrad`` argument parser, with one subparser per subcommand."""
-    from . import __version__
-    from ._demo import DEFAULT_MODE, DEFAULT_OUT, DEFAULT_STEPS, FULL_STEPS, MODES
-    from ._demo3 import DEFAULT_STEPS as DEFAULT_STEPS_3
+    from .. import __version__
+    from ._defaults import DEFAULT_MODE, DEFAULT_OUT, DEFAULT_STEPS, DEFAULT_STEPS_3, FULL_STEPS, MODES
 
     parser = argparse.ArgumentParser(
         prog="nestgrad",
