@@ -4,12 +4,17 @@ One torch thread: the tests run tiny models, where a second thread costs more in
 synchronisation than it saves (on a 2-core machine shared with other work, several times more).
 """
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# The tests mirror the package's tree (tests/methods, tests/optim, ...); their shared helpers
+# (optim_db, distributed_cases) live here, at the top.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:

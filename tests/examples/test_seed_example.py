@@ -32,7 +32,7 @@ import torch
 
 import nestgrad as ng
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "seed_pipeline.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "seed_pipeline.py"
 
 
 def load_example() -> ModuleType:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sinusoid.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sinusoid.py"
 sys.path.insert(0, str(_PATH.parent))  # as when it runs as a script: it imports bench_unroll's helpers
 _spec = importlib.util.spec_from_file_location("bench_sinusoid", _PATH)
 assert _spec is not None and _spec.loader is not None

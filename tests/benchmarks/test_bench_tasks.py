@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tasks.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tasks.py"
 sys.path.insert(0, str(_PATH.parent))  # as when it runs as a script: it imports bench_unroll's helpers
 _spec = importlib.util.spec_from_file_location("bench_tasks", _PATH)
 assert _spec is not None and _spec.loader is not None
