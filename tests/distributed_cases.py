@@ -137,6 +137,33 @@ def run_pipeline(world: int, rank: int) -> dict[str, Tensor]:
     return {f"d{k}": g for k, g in zip(wanted, got, strict=True)} | {"val": val.detach()}
 
 
+def run_seed(world: int, rank: int) -> dict[str, Tensor]:
+    """The forum thread's three-level pipeline (examples/seed_pipeline.py: two tiny Bert2Bert models, float64),
+    both training levels data-parallel: every data tensor and A split by rows across the ranks."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import seed_pipeline as sp
+
+    pl = sp.build(0, torch.float64)
+    batch1 = tuple(shard(t, world, rank) for t in pl.batch1)
+    data2 = [shard(x, world, rank) for x in pl.data2]
+    pl.val = tuple(shard(t, world, rank) for t in pl.val)
+    A = shard(pl.A.detach(), world, rank).clone().requires_grad_()
+    par1 = {"parallel": ng.DataParallel(shard_hparams=True)} if world > 1 else {}
+    par2 = {"parallel": ng.DataParallel()} if world > 1 else {}
+    opt = ng.optim.SGD(lr=0.2, momentum=0.9)
+    w1 = ng.train(lambda w, b, a: sp.loss1(pl, w, b, a), dict(pl.model1.named_parameters()), opt, [batch1],
+                  steps=sp.STEPS1, hparams=A, **par1)  # fmt: skip
+    w2 = ng.train(lambda w, x, h: sp.loss2(pl, w, x, h, "hidden"), dict(pl.model2.named_parameters()), opt, data2,
+                  steps=sp.STEPS2, hparams=w1, **par2)  # fmt: skip
+    local = sp.loss3(pl, w2)
+    L3 = ng.distributed.mean(local) if world > 1 else local
+    (da,) = torch.autograd.grad(L3, A)
+    return {"da": da, "L3": L3.detach()}
+
+
 def run_replicated_outside(world: int, rank: int) -> dict[str, Tensor]:
     """An hparam used inside ng.train and, wrapped with ng.distributed.replicated, in the outer objective."""
     d = dataset()
@@ -252,6 +279,8 @@ def worker(rank: int, world: int, store: str, outdir: str, jobs: list[str]) -> N
                 results[job] = run_method(arg, world, rank, reduce="sum")
             elif kind == "pipeline":
                 results[job] = run_pipeline(world, rank)
+            elif kind == "seed":
+                results[job] = run_seed(world, rank)
             elif kind == "outside":
                 results[job] = run_replicated_outside(world, rank)
             elif kind == "misuse":

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
 )
 
-TWO_RANKS = [f"method:{m}" for m in cases.METHODS] + ["sum:Unroll", "pipeline", "outside", "misuse"]
+TWO_RANKS = [f"method:{m}" for m in cases.METHODS] + ["sum:Unroll", "pipeline", "seed", "outside", "misuse"]
 THREE_RANKS = ["method:Unroll", "method:Reverse", "method:Reverse(checkpoint_every=2)"]
 _SPAWNED: list[Any] = []  # the processes of every spawn, to check that none outlives its test
 
@@ -114,6 +114,13 @@ def test_two_level_pipeline_both_levels_data_parallel(two: list[dict[str, Any]])
     got = gathered(two, "pipeline")
     assert_matches(got, cases.run_pipeline(1, 0))
     assert got["da"].abs().max() > 0
+
+
+def test_the_forum_pipeline_with_both_training_levels_data_parallel(two: list[dict[str, Any]]) -> None:
+    """The seed's three levels (two tiny Bert2Bert models): dL3/dA on 2 ranks equals one process to 1e-10."""
+    got, ref = gathered(two, "seed"), cases.run_seed(1, 0)
+    assert ref["da"].abs().max() > 0
+    assert_matches(got, ref, tol=1e-10)
 
 
 def test_replicated_hparam_used_outside_train(two: list[dict[str, Any]]) -> None:
