@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TWO_RANKS = [f"method:{m}" for m in cases.METHODS] + ["sum:Unroll", "pipeline", "seed", "outside", "misuse"]
-THREE_RANKS = ["method:Unroll", "method:Reverse", "method:Reverse(checkpoint_every=2)"]
+THREE_RANKS = [f"method:{m}" for m in cases.METHODS]
 _SPAWNED: list[Any] = []  # the processes of every spawn, to check that none outlives its test
 
 
