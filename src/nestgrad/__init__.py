@@ -2,12 +2,12 @@
 
 The whole public API is listed here. The layout of the package:
 
-* the core: :func:`train` (``_train``), :class:`Problem` (``_problem``), :func:`call`,
-  data and buffers, :class:`Tasks`, :class:`DataParallel` and :mod:`nestgrad.distributed`;
-* :mod:`nestgrad.optim`: the differentiable optimizers;
-* :mod:`nestgrad.methods`: how gradients get back through a run (``Unroll``, ``Reverse``, ...);
-* :mod:`nestgrad.diagnostics`: ``explain`` and ``check``;
-* :mod:`nestgrad.higher`: a drop-in for the ``higher`` library;
+* the core: ``train()`` (``_train``), ``Problem`` (``_problem``), ``call()``,
+  data and buffers, ``Tasks``, ``DataParallel`` and ``nestgrad.distributed``;
+* ``nestgrad.optim``: the differentiable optimizers;
+* ``nestgrad.methods``: how gradients get back through a run (``Unroll``, ``Reverse``, ...);
+* ``nestgrad.diagnostics``: ``explain`` and ``check``;
+* ``nestgrad.higher``: a drop-in for the ``higher`` library;
 * ``nestgrad.demos``: the ``nestgrad`` command line.
 
 Names are imported on first use (PEP 562), so ``import nestgrad`` and ``nestgrad --help`` do

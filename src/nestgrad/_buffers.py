@@ -1,10 +1,10 @@
 """Who writes the buffers a module updates in place (BatchNorm's running statistics).
 
-The rule, for :func:`nestgrad.call` and :func:`nestgrad.train` alike: nestgrad never writes a
+The rule, for ``nestgrad.call()`` and ``nestgrad.train()`` alike: nestgrad never writes a
 tensor that belongs to your module, nor one you passed to ``ng.train``. Outside a training run,
 ``ng.call`` runs the module's own buffers on throwaway copies, and updates in place only the
 buffer tensors you pass it (as ``module(x)`` updates its own). Inside a run, ``Problem.loss``
-installs a :class:`RunBuffers` that ``ng.call`` reads: the module's own buffers, and the buffers
+installs a ``RunBuffers`` that ``ng.call`` reads: the module's own buffers, and the buffers
 given to ``ng.train`` in ``params``, are replaced by copies the run owns. Training steps advance
 those copies (once per step, as ordinary training does); replays of a step (Reverse's
 recomputation, ZerothOrder's perturbed runs, the backward evaluations of Implicit and FiniteDiff)
@@ -118,7 +118,7 @@ def current() -> RunBuffers | None:
 
 @contextlib.contextmanager
 def running(buffers: RunBuffers) -> Iterator[None]:
-    """Make ``buffers`` the ones :func:`nestgrad.call` uses until the block exits."""
+    """Make ``buffers`` the ones ``nestgrad.call()`` uses until the block exits."""
     token = _current.set(buffers)
     try:
         yield

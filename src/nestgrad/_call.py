@@ -113,7 +113,7 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
     Buffers: the module's own tensors are never written. In train mode, BatchNorm
     updates its running statistics in place, as in ``module(x)``, on the buffer
     tensors you pass in ``params``; a buffer you do not pass (or pass as the
-    module's own tensor) is run on a throwaway copy. Inside :func:`nestgrad.train`,
+    module's own tensor) is run on a throwaway copy. Inside ``nestgrad.train()``,
     the run owns copies of the module's buffers and of those given to ``train``:
     they advance once per training step, never in the replays of a backward pass.
     In eval mode BatchNorm reads the running statistics.

@@ -3,13 +3,13 @@ r"""``DataParallel``: data-parallel training runs on ``torch.distributed``, with
 Each rank of an initialized process group calls ``ng.train(..., parallel=ng.DataParallel())``
 with its shard of the data and the same (replicated) initial weights and hyperparameters. Every
 step's gradients are all-reduced (``reduce="mean"`` or ``"sum"``) before the optimizer update,
-inside the recorded graph, by a differentiable collective (:class:`_AllReduce`), so every
+inside the recorded graph, by a differentiable collective (``_AllReduce``), so every
 rank holds the same weights and every method differentiates through the communication.
 
 The convention (derived in the README's "Distributed" section, checked against one process by
 ``tests/test_distributed.py``): a backward pass on every rank computes the gradient of one
 global scalar, the sum over ranks of what each rank backpropagates. Backpropagate from
-:func:`mean` of the ranks' outer losses to get the hypergradient of their mean, which is what
+``mean()`` of the ranks' outer losses to get the hypergradient of their mean, which is what
 one process computes on the concatenated data. A replicated input (initial weights, an hparam
 shared by all ranks, the optimizer's Tensor hyperparameters) then receives that whole
 hypergradient on every rank; a sharded hparam (``shard_hparams``: per-example weights of the
@@ -102,7 +102,7 @@ class DataParallel:
         \qquad g_t = \sum_r \nabla_W L_r(W_t, \lambda) \quad (\text{``reduce="sum"``})
 
     so every rank holds the same weights, bit for bit. Use ``"mean"`` when each rank's loss is
-    the mean over its shard and the shards have equal sizes (then :math:`g_t` is the gradient of
+    the mean over its shard and the shards have equal sizes (then ``g_t`` is the gradient of
     the mean over all examples, as one process computes it); use ``"sum"`` when each rank's loss
     is already normalized globally (the sum over its examples divided by the total count).
 
@@ -114,7 +114,7 @@ class DataParallel:
 
     Convention for hypergradients: every rank's backward pass computes the gradient of the
     **sum over ranks** of what each rank backpropagates. Backpropagate from
-    :func:`nestgrad.distributed.mean` of each rank's outer loss (the mean over its validation
+    ``nestgrad.distributed.mean()`` of each rank's outer loss (the mean over its validation
     shard) to get the hypergradient of the global mean, which is what one process computes.
     Then:
 
@@ -125,7 +125,7 @@ class DataParallel:
       receives its own part: its slice of the global hypergradient.
 
     A replicated tensor that the outer loss also uses outside ``ng.train`` (e.g. a
-    regularizer on ``lr``) must be wrapped there with :func:`nestgrad.distributed.replicated`,
+    regularizer on ``lr``) must be wrapped there with ``nestgrad.distributed.replicated()``,
     so that its gradient along that path is summed over ranks too.
 
     Args:
@@ -176,7 +176,7 @@ class DataParallel:
 
 @dataclass(frozen=True, eq=False)
 class Sync:
-    """The communication of one data-parallel ``train`` call (kept by :class:`~nestgrad.Problem`)."""
+    """The communication of one data-parallel ``train`` call (kept by ``Problem``)."""
 
     group: Any
     world: int
@@ -260,7 +260,7 @@ def _vmap_level() -> int:
 class _AllReduce(torch.autograd.Function):
     """All-reduce (sum or mean) of a list of tensors, differentiable to any order.
 
-    The map :math:`x_r \\mapsto \\sum_q x_q` (on every rank) is linear and self-adjoint, so the
+    The map ``x_r \\mapsto \\sum_q x_q`` (on every rank) is linear and self-adjoint, so the
     backward pass is the same all-reduce of the cotangents, done by calling this Function again
     (double backward works: Forward's tangents, Implicit's Hessian-vector products). Written here
     rather than taken from ``torch.distributed.nn.functional.all_reduce``, whose backward scaling
@@ -360,8 +360,8 @@ def _sync(group: Any = None, reduce: str = "mean", bucket_mb: float = 25.0) -> S
 def mean(x: Tensor, group: Any = None) -> Tensor:
     r"""The mean over ranks of ``x``, as the global objective to backpropagate from on every rank.
 
-    Forward: :math:`\frac1R \sum_r x_r`, the same value on every rank. Backward: the cotangent
-    divided by :math:`R`, with no communication, because every rank backpropagates the same
+    Forward: ``\frac1R \sum_r x_r``, the same value on every rank. Backward: the cotangent
+    divided by ``R``, with no communication, because every rank backpropagates the same
     global value and the data-parallel runs sum over ranks. With each rank's ``x`` the mean
     outer loss over an equal-sized validation shard, the hypergradients are those of the mean over
     all validation examples, exactly as one process on the concatenated data computes them.
@@ -631,7 +631,7 @@ def _short(value: Any) -> str:
 
 
 def leave(weights: dict[str, Tensor], final: OptState | None) -> tuple[dict[str, Tensor], OptState | None]:
-    """Mark the outputs of a data-parallel ``train`` (see :class:`_Coupled`)."""
+    """Mark the outputs of a data-parallel ``train`` (see ``_Coupled``)."""
     names = [k for k, v in weights.items() if v.requires_grad]
     slots = [] if final is None else final.tensors()
     live = [i for i, x in enumerate(slots) if x.requires_grad]

@@ -7,7 +7,7 @@ or inf in a gradient reaches the updated weights or the state in the same step, 
 enough to detect anything; only when something is found is the step examined in detail
 (which gradient, which state slot) to write the message. On the CPU the check runs every step (its
 cost is in ``benchmarks/bench_unroll.py``); on an accelerator the flags stay on the device and
-are read every :data:`CHECK_EVERY` steps and at the end of the run, so there is no host sync
+are read every ``CHECK_EVERY`` steps and at the end of the run, so there is no host sync
 per step.
 """
 
@@ -30,7 +30,7 @@ _OPT_OUT = "To let NaN and inf through (e.g. to inspect them yourself), pass che
 class NonFiniteError(RuntimeError):
     """A loss, gradient, weight, optimizer state or hypergradient became NaN or inf.
 
-    Raised by :func:`nestgrad.train` at the first step where it happens (naming the step,
+    Raised by ``nestgrad.train()`` at the first step where it happens (naming the step,
     the method, what went non-finite and the likely fixes), and by the backward pass of
     every method that computes its own hypergradient. ``check_finite=False`` turns it off.
     """
@@ -42,8 +42,8 @@ def finite(tensors: Sequence[Tensor]) -> Tensor:
     On the CPU, one fused L2 norm per tensor (13x faster there than the infinity norm: 18 against
     230 us for the benchmark MLP's weights): NaN and inf always reach it, but a finite tensor with
     entries near the dtype's limit can overflow it, so False is only an alarm, which
-    :func:`all_finite` confirms exactly before anything is raised. There is no sync to avoid on the
-    CPU, so the norms are read and summed in Python (:func:`finite_now`) and the flag is one of two
+    ``all_finite()`` confirms exactly before anything is raised. There is no sync to avoid on the
+    CPU, so the norms are read and summed in Python (``finite_now()``) and the flag is one of two
     constant tensors. On an accelerator, where the flag is read later, the infinity norm: exact.
     """
     floats = [x.detach() for x in tensors if x.is_floating_point() or x.is_complex()]
@@ -64,7 +64,7 @@ def _finite_norms(floats: list[Tensor]) -> bool:
 
 
 def finite_now(tensors: Sequence[Tensor]) -> bool:
-    """:func:`finite`, read at once (one sync off the CPU); False is an alarm for :func:`all_finite`.
+    """``finite()``, read at once (one sync off the CPU); False is an alarm for ``all_finite()``.
 
     On small CPU tensors the flag costs about a third of ``bool`` of the stacked norms' sum
     (2.4 against 7.4 us for one tensor, 11 against 21 us for a small MLP's seven).

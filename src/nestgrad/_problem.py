@@ -166,9 +166,9 @@ def out_of_memory(method: str, where: str) -> torch.OutOfMemoryError:
 
 @dataclass
 class Problem:
-    """Everything a :class:`~nestgrad.Method` needs to run or replay a training run.
+    """Everything a ``Method`` needs to run or replay a training run.
 
-    A method calls :meth:`step` (or :meth:`loss` and :meth:`grads`) for
+    A method calls ``step()`` (or ``loss()`` and ``grads()``) for
     ``t in range(steps)`` and decides what to keep for the backward pass.
     """
 
@@ -209,12 +209,12 @@ class Problem:
         return [*leaves, *self.optimizer.tensors()]
 
     def hparam_names(self) -> list[str]:
-        """Names of :meth:`hparam_tensors` for messages: ``hparams[0]``, ``optimizer lr``, ..."""
+        """Names of ``hparam_tensors()`` for messages: ``hparams[0]``, ``optimizer lr``, ..."""
         names = [name for name, _ in hparam_leaves(self.hparams)] if self.hparams is not None else []
         return names + [f"optimizer {k}" for k in _tensor_hparam_names(self.optimizer)]
 
     def with_hparam_tensors(self, tensors: Sequence[Tensor]) -> Problem:
-        """The same problem with :meth:`hparam_tensors` replaced (e.g. by fresh leaves)."""
+        """The same problem with ``hparam_tensors()`` replaced (e.g. by fresh leaves)."""
         if self.hparams is None:
             hparams, n = None, 0
         else:
@@ -295,7 +295,7 @@ class Problem:
         With ``create_graph`` the new weights are a differentiable function of
         ``params``, ``state`` and the hyperparameters. Without it, the step is
         plain first-order training and returns fresh leaves. With ``check_finite``,
-        a non-finite loss or update raises :class:`~nestgrad.NonFiniteError`.
+        a non-finite loss or update raises ``NonFiniteError``.
         """
         try:
             return self._step(params, state, t, create_graph)

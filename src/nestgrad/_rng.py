@@ -83,7 +83,7 @@ def threads_cause(threads: int) -> str:
 class RngLog:
     """Where the global generators stood at the start and end of each segment of ``every`` steps.
 
-    Training calls :meth:`record` before every step ``t`` and once after the last one
+    Training calls ``record()`` before every step ``t`` and once after the last one
     (``t = steps``). Only the start of a segment that drew random numbers is stored
     (about 5 KB of CPU state, plus 16 bytes per CUDA device), with a hash of its end
     state; a segment that drew none stores nothing, and its replay leaves the

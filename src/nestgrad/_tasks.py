@@ -49,11 +49,11 @@ class Tasks:
 
     Pass it as ``ng.train(..., tasks=ng.Tasks(n, ...))`` (or ``tasks=n`` for the defaults).
     ``loss_fn`` is written for **one** task, exactly as for a single run; nestgrad runs it on
-    every task at once with :func:`torch.func.vmap`, and trains the stacked weights with one
+    every task at once with ``torch.func.vmap()``, and trains the stacked weights with one
     optimizer whose updates are elementwise, so each task trains exactly as it would alone.
     The trained weights have a leading task dimension of size ``n``.
 
-    Each field says, like ``in_dims`` of :func:`torch.func.vmap`, which inputs have a leading
+    Each field says, like ``in_dims`` of ``torch.func.vmap()``, which inputs have a leading
     task dimension (``0``) and which every task shares (``None``):
 
     Args:

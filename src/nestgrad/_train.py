@@ -44,23 +44,23 @@ def train(
     Args:
         loss_fn: ``loss_fn(params, batch, hparams) -> scalar Tensor``. It must
             compute with the ``params`` it receives, e.g. via
-            :func:`nestgrad.call`.
+            ``nestgrad.call()``.
         params: initial weights, name -> Tensor, e.g.
             ``dict(model.named_parameters())``. Tensors with
             ``requires_grad=False`` are frozen: passed to ``loss_fn`` unchanged.
             Buffers passed here (``**dict(model.named_buffers())``) are training
-            state: :func:`nestgrad.call` runs them on copies that advance once per
+            state: ``nestgrad.call()`` runs them on copies that advance once per
             training step, and the result holds the trained ones.
-        optimizer: a :mod:`nestgrad.optim` optimizer.
+        optimizer: a ``nestgrad.optim`` optimizer.
         data: a sequence of batches (cycled), an iterator or iterable of
             batches, or a function ``step -> batch``.
         steps: number of updates, >= 1.
         hparams: a Tensor or any tuple/list/dict nesting of Tensors, passed to
             ``loss_fn`` as its third argument. Another level's trained weights
             are a fine ``hparams``: that is how levels compose.
-        method: a :class:`~nestgrad.Method`; default :class:`~nestgrad.Unroll`.
+        method: a ``Method``; default ``Unroll``.
         progress: show a tqdm progress bar over the steps.
-        check_finite: raise :class:`~nestgrad.NonFiniteError` at the first step whose loss or
+        check_finite: raise ``NonFiniteError`` at the first step whose loss or
             update is NaN or inf (naming the step, the tensor and likely fixes), and when a
             method's backward pass meets one. ``False`` lets NaN and inf through. On the CPU
             each step is checked; on an accelerator the flags are read every 32 steps and at the
@@ -75,12 +75,12 @@ def train(
         return_state: also return the final optimizer state: ``(weights, state)``. Its tensors are
             differentiable outputs with Unroll and Reverse.
         tasks: train a batch of independent tasks in one vectorised call: the number of tasks,
-            or a :class:`~nestgrad.Tasks` that says which of ``params``, the batches and
+            or a ``Tasks`` that says which of ``params``, the batches and
             ``hparams`` have a leading task dimension (default: shared initial weights,
             per-task batches, shared hparams). ``loss_fn`` stays the loss of one task; the
             trained weights come back with a leading task dimension.
         parallel: train data-parallel across the ranks of a ``torch.distributed`` process group:
-            a :class:`~nestgrad.DataParallel`. Each rank passes its shard of the data and the same
+            a ``DataParallel``. Each rank passes its shard of the data and the same
             params; every step's gradients are all-reduced before the update, and hypergradients
             equal one process's on the concatenated data (see ``DataParallel`` for the convention).
 

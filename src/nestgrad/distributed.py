@@ -1,8 +1,8 @@
 """Data-parallel helpers: ``ng.train(..., parallel=ng.DataParallel())`` and the outer loss's collectives.
 
-* :class:`DataParallel`: the option of ``ng.train`` (also ``nestgrad.DataParallel``).
-* :func:`mean`: the mean over ranks of each rank's outer loss, the global objective to backpropagate from.
-* :func:`replicated`: a tensor shared by all ranks whose gradient is summed over ranks (for uses outside
+* ``DataParallel``: the option of ``ng.train`` (also ``nestgrad.DataParallel``).
+* ``mean()``: the mean over ranks of each rank's outer loss, the global objective to backpropagate from.
+* ``replicated()``: a tensor shared by all ranks whose gradient is summed over ranks (for uses outside
   ``ng.train``).
 
 See ``DataParallel`` and the README's "Distributed" section for the convention.

@@ -2,23 +2,23 @@
 
 Half of 1000 training labels are flipped to a wrong class. Every training
 example gets a learnable weight ``sigmoid(a_i)``; a classifier is trained on the
-weighted data with :func:`nestgrad.train`, and the logits ``a`` follow the
+weighted data with ``nestgrad.train()``, and the logits ``a`` follow the
 hypergradient of the loss on 300 clean validation images. Weights of flipped
 examples fall towards 0, weights of clean ones rise towards 1.
 
 Two ways to run the outer loop (``mode``):
 
-* ``"online"`` (the default, :func:`learn_weights_online`): one classifier keeps
+* ``"online"`` (the default, ``learn_weights_online()``): one classifier keeps
   training on minibatches and is never restarted (warm start); every ``k``
   inner steps the logits take one step along the hypergradient through those
   last ``k`` steps only. About 5 s.
-* ``"full"`` (:func:`learn_weights`): every outer step trains a classifier from
+* ``"full"`` (``learn_weights()``): every outer step trains a classifier from
   scratch for 100 full-batch steps and differentiates through all of them.
   About 40 s.
 
-The pieces are plain functions (:func:`load_data`, :func:`fit`,
-:func:`learn_weights`, :func:`run`, ...) so that other front ends and tests can
-reuse them; ``nestgrad.demos._cli`` is only an argparse wrapper around :func:`run`.
+The pieces are plain functions (``load_data()``, ``fit()``,
+``learn_weights()``, ``run()``, ...) so that other front ends and tests can
+reuse them; ``nestgrad.demos._cli`` is only an argparse wrapper around ``run()``.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Recipe:
 
     ``hidden=0`` is a linear softmax classifier; otherwise a one-hidden-layer
     ReLU network. Training is full batch, from the same initial weights each
-    time, with :class:`nestgrad.optim.SGD`.
+    time, with ``nestgrad.optim.SGD``.
     """
 
     hidden: int = 64
@@ -163,7 +163,7 @@ DEFAULT_RECIPE = Recipe()
 
 
 def weighted_loss(model: nn.Module, normalize: bool) -> LossFn:
-    """``loss_fn(params, (x, y), weights)`` for :func:`nestgrad.train`: a weighted cross-entropy.
+    """``loss_fn(params, (x, y), weights)`` for ``nestgrad.train()``: a weighted cross-entropy.
 
     With ``normalize``, the weighted average ``sum(w * loss) / sum(w)``: how the
     final model and the baselines are trained (all weights 1 is the plain mean).
@@ -191,7 +191,7 @@ def fit(
     recipe: Recipe,
     normalize: bool = True,
 ) -> dict[str, Tensor]:
-    """Train ``model`` from ``init`` on ``(x, y)`` with per-example ``weights``; see :func:`weighted_loss`.
+    """Train ``model`` from ``init`` on ``(x, y)`` with per-example ``weights``; see ``weighted_loss()``.
 
     The trained weights are a differentiable function of ``weights`` (through
     the unrolled run); under ``torch.no_grad()`` this is plain training.
@@ -226,7 +226,7 @@ def torch_threads(n: int) -> Iterator[None]:
 # --------------------------------------------------------------- hyper-cleaning
 @dataclass
 class Cleaning:
-    """What :func:`learn_weights` returns: the weights and a per-outer-step history."""
+    """What ``learn_weights()`` returns: the weights and a per-outer-step history."""
 
     weights: Tensor
     val_loss: list[float] = field(default_factory=list)
@@ -259,8 +259,8 @@ def learn_weights(
 ) -> Cleaning:
     """Learn one weight per training example by hypergradient descent on the validation loss.
 
-    Each outer step trains a classifier from scratch with :func:`nestgrad.train`
-    on the weighted data (see :func:`inner_data`, unnormalized loss), computes
+    Each outer step trains a classifier from scratch with ``nestgrad.train()``
+    on the weighted data (see ``inner_data()``, unnormalized loss), computes
     the validation cross-entropy of the result, and moves the logits ``a``
     (weights ``sigmoid(a)``) with ``torch.optim.Adam`` along ``d val_loss / d a``,
     which autograd takes back through every step of the training run.
@@ -307,10 +307,10 @@ def learn_weights_online(
 ) -> Cleaning:
     """Learn one weight per training example online: one warm-started classifier, a hypergradient every ``k`` steps.
 
-    The classifier trains on minibatches of :func:`inner_data` (noisy images
+    The classifier trains on minibatches of ``inner_data()`` (noisy images
     weighted by ``sigmoid(a)``, validation images at weight 1, unnormalized loss)
     with ``SGD(recipe.lr, recipe.momentum)`` and is never restarted. Each outer
-    step runs ``k`` inner steps with :func:`nestgrad.train`, starting from the
+    step runs ``k`` inner steps with ``nestgrad.train()``, starting from the
     weights *and* optimizer state that the previous segment ended with
     (``state=``, ``return_state=True``), and moves the logits ``a`` with
     ``torch.optim.Adam`` (learning rate ``lr``, cosine-annealed to 0 over
@@ -525,13 +525,13 @@ def run(
     """Run the whole demo: data, baselines, hyper-cleaning, final model, figure.
 
     Args:
-        steps: outer steps (default :data:`DEFAULT_STEPS` online, :data:`FULL_STEPS` full).
+        steps: outer steps (default ``DEFAULT_STEPS`` online, ``FULL_STEPS`` full).
         seed: seed of the data split, label noise, initial weights and minibatches.
         out: folder for the figure.
         progress: show a tqdm bar.
-        mode: ``"online"`` (:func:`learn_weights_online`) or ``"full"`` (:func:`learn_weights`).
+        mode: ``"online"`` (``learn_weights_online()``) or ``"full"`` (``learn_weights()``).
         recipe: how the baselines and the final model are trained.
-        lr: the outer learning rate (default :data:`ONLINE_LR` online, :data:`OUTER_LR` full).
+        lr: the outer learning rate (default ``ONLINE_LR`` online, ``OUTER_LR`` full).
 
     Returns a dict with ``accuracy`` (``noisy``, ``val_only``, ``oracle``,
     ``nestgrad``), ``detection`` (``f1``, ``precision``, ``recall``,

@@ -1,13 +1,13 @@
 """``nestgrad demo --levels 3``: teacher -> student hyper-cleaning on scikit-learn's digits.
 
-The same data as the two-level demo (:func:`nestgrad.demos._demo.load_data`: 1000
+The same data as the two-level demo (``nestgrad.demos._demo.load_data()``: 1000
 training images with half of the labels flipped, 300 clean validation images,
 497 clean test images). Three nested levels:
 
-1. the TEACHER trains with :func:`nestgrad.train` on the noisy training images,
+1. the TEACHER trains with ``nestgrad.train()`` on the noisy training images,
    each example's loss weighted by ``sigmoid(a_i)`` (plus the 300 validation
    images at weight 1, as in the two-level demo); ``hparams`` = the weights;
-2. the STUDENT trains with :func:`nestgrad.train` on the teacher's soft labels
+2. the STUDENT trains with ``nestgrad.train()`` on the teacher's soft labels
    (``softmax(teacher logits / T)``) of the 1000 training images; ``hparams`` =
    the teacher's trained weights, so the student's weights are a differentiable
    function of the teacher's, which are a differentiable function of ``a``;
@@ -128,7 +128,7 @@ class Pipeline:
 # --------------------------------------------------------------- hyper-cleaning
 @dataclass
 class Cleaning3:
-    """What :func:`learn_weights` returns: the weights, a per-outer-step history and the first hypergradient."""
+    """What ``learn_weights()`` returns: the weights, a per-outer-step history and the first hypergradient."""
 
     weights: Tensor
     val_loss: list[float] = field(default_factory=list)
@@ -152,7 +152,7 @@ def learn_weights(
     """Learn one weight per training example from the student's clean validation loss.
 
     Each outer step trains a teacher from scratch on the weighted data (see
-    :func:`nestgrad.demos._demo.inner_data`, unnormalized loss), a student from
+    ``nestgrad.demos._demo.inner_data()``, unnormalized loss), a student from
     scratch on the teacher's soft labels of the training images, computes the
     student's validation cross-entropy, and moves the logits ``a`` (weights
     ``sigmoid(a)``) with ``torch.optim.Adam`` along ``d val_loss / d a``, which
@@ -253,7 +253,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the three-level demo: data, hyper-cleaning through teacher and student, baselines, figure.
 
-    Returns the same keys as :func:`nestgrad.demos._demo.run` (``accuracy`` holds the
+    Returns the same keys as ``nestgrad.demos._demo.run()`` (``accuracy`` holds the
     students' test accuracies), plus ``first_grad``: the hypergradient of the
     student's validation loss w.r.t. the weight logits at the first outer step.
     Test labels are used for reporting only.

@@ -84,18 +84,18 @@ _RTOL_HALF = 5e-2
 
 @dataclass(frozen=True)
 class Direction:
-    """One random unit direction :math:`v` of a :func:`check`.
+    """One random unit direction ``v`` of a ``check()``.
 
     Attributes:
-        autograd: :math:`g \\cdot v`, the directional derivative from autograd.
-        finite_diff: :math:`(f(h + t v) - f(h - t v)) / 2t`, with :math:`t` = ``step``.
-        error: :math:`|g \\cdot v - \\mathrm{fd}| / \\max(\\lVert g\\rVert, |\\mathrm{fd}|)`, the error
+        autograd: ``g \\cdot v``, the directional derivative from autograd.
+        finite_diff: ``(f(h + t v) - f(h - t v)) / 2t``, with ``t`` = ``step``.
+        error: ``|g \\cdot v - \\mathrm{fd}| / \\max(\\lVert g\\rVert, |\\mathrm{fd}|)``, the error
             relative to the size of the whole gradient. It stays meaningful along directions
-            nearly orthogonal to :math:`g`, where both numbers are close to zero; the verdict
+            nearly orthogonal to ``g``, where both numbers are close to zero; the verdict
             uses it. ``nan`` when anything compared is not finite (never 0).
-        relative: :math:`|g \\cdot v - \\mathrm{fd}| / |\\mathrm{fd}|`, the plain relative error
+        relative: ``|g \\cdot v - \\mathrm{fd}| / |\\mathrm{fd}|``, the plain relative error
             (``inf`` when the finite difference is exactly zero, ``nan`` when not finite).
-        step: :math:`t`, the length of the step along :math:`v`, measured on the hparams as
+        step: ``t``, the length of the step along ``v``, measured on the hparams as
             they were actually rounded to their dtype.
     """
 
@@ -114,7 +114,7 @@ def _nanmax(xs: Any) -> float:
 
 @dataclass(frozen=True)
 class CheckResult:
-    """What :func:`check` found: the verdict, one :class:`Direction` per direction, and notes.
+    """What ``check()`` found: the verdict, one ``Direction`` per direction, and notes.
 
     ``str(result)`` is a readable table. ``verdict`` is ``"passed"`` when every
     value is finite and every ``error <= rtol``; ``"failed"`` otherwise (any
@@ -125,10 +125,10 @@ class CheckResult:
 
     Attributes:
         eps: the step length along each unit direction: the ``eps`` given, or
-            the largest step chosen (see :func:`check`).
+            the largest step chosen (see ``check()``).
         relative_step: the largest change of any nonzero hparam element,
             relative to its value (``nan`` when every element is zero). The
-            default step keeps it at :math:`\\epsilon_{\\text{dtype}}^{1/3}`.
+            default step keeps it at ``\\epsilon_{\\text{dtype}}^{1/3}``.
     """
 
     verdict: Verdict
@@ -148,7 +148,7 @@ class CheckResult:
 
     @property
     def max_error(self) -> float:
-        """The largest :attr:`Direction.error`; ``nan`` if any is (0.0 when there is no direction)."""
+        """The largest ``Direction.error``; ``nan`` if any is (0.0 when there is no direction)."""
         return _nanmax(d.error for d in self.directions)
 
     def __str__(self) -> str:
@@ -347,24 +347,24 @@ def check(
 ) -> CheckResult:
     r"""Check the hypergradient of ``fn`` at ``hparams`` against central finite differences.
 
-    With :math:`g = \nabla f(h)` from autograd and random unit directions
-    :math:`v_i` (over all leaves of ``hparams`` together), compare
+    With ``g = \nabla f(h)`` from autograd and random unit directions
+    ``v_i`` (over all leaves of ``hparams`` together), compare
 
     .. math::
         g \cdot v_i \quad\text{with}\quad \frac{f(h + t_i v_i) - f(h - t_i v_i)}{2 t_i}
 
     and pass when every value is finite and every error
-    :math:`|g\cdot v_i - \mathrm{fd}_i| / \max(\lVert g\rVert, |\mathrm{fd}_i|)`
+    ``|g\cdot v_i - \mathrm{fd}_i| / \max(\lVert g\rVert, |\mathrm{fd}_i|)``
     is at most ``rtol``. The error is relative to the whole gradient, so a
-    direction nearly orthogonal to :math:`g` does not blow it up; the plain
-    ratio :math:`|g\cdot v_i - \mathrm{fd}_i| / |\mathrm{fd}_i|` is reported too.
+    direction nearly orthogonal to ``g`` does not blow it up; the plain
+    ratio ``|g\cdot v_i - \mathrm{fd}_i| / |\mathrm{fd}_i|`` is reported too.
 
     It never passes silently:
 
-    - NaN or inf in the autograd gradient, in :math:`f(h)` or in any finite
+    - NaN or inf in the autograd gradient, in ``f(h)`` or in any finite
       difference fails, with a note naming which one and the likely cause
       (a NaN gradient next to finite differences that are finite: a
-      derivative that is infinite at :math:`h`, such as :math:`\sqrt{x}` at
+      derivative that is infinite at ``h``, such as ``\sqrt{x}`` at
       0 in Adam with ``eps_root=0``).
     - When the autograd gradient is exactly zero or missing (hparams
       disconnected from the output), the verdict is ``"no signal"`` if the
@@ -377,13 +377,13 @@ def check(
 
     float64 is the reliable setting. In float32 a central difference resolves
     a gradient only to about 1e-5 to 1e-3 (rounding error
-    :math:`\sim \epsilon_{\text{dtype}} |f| / t` against truncation error
-    :math:`\sim |f'''|\, t^2`), so the default ``rtol`` is looser there, the
+    ``\sim \epsilon_{\text{dtype}} |f| / t`` against truncation error
+    ``\sim |f'''|\, t^2``), so the default ``rtol`` is looser there, the
     check catches gross errors only, and the result says so.
 
     Args:
         fn: ``fn(hparams) -> scalar Tensor``, any function of the hparams, e.g.
-            one that calls :func:`nestgrad.train` and returns a validation
+            one that calls ``nestgrad.train()`` and returns a validation
             loss. It is called ``1 + 2 * directions`` times (4 more on a
             failure) and must be deterministic (seed any randomness inside it).
         hparams: a floating-point Tensor or a tuple/list/dict of them. The check
@@ -391,18 +391,18 @@ def check(
             require grad.
         directions: number of random directions, an int >= 1.
         eps: ``None`` (default) for a relative step per element: element
-            :math:`h_j` moves by at most :math:`r\,|h_j|`, with
-            :math:`r = c \cdot \mathrm{clip}(|f| / \lVert g \odot h\rVert, 1, 1000)^{1/3}` and
-            :math:`c = \epsilon_{\text{dtype}}^{1/3}` (about ``6e-6`` in float64,
+            ``h_j`` moves by at most ``r\,|h_j|``, with
+            ``r = c \cdot \mathrm{clip}(|f| / \lVert g \odot h\rVert, 1, 1000)^{1/3}`` and
+            ``c = \epsilon_{\text{dtype}}^{1/3}`` (about ``6e-6`` in float64,
             ``5e-3`` in float32), which balances truncation against rounding
-            error; the factor (1 to 10) lengthens the step when :math:`f` hardly
+            error; the factor (1 to 10) lengthens the step when ``f`` hardly
             changes relative to its size, where rounding would dominate. An
-            element that is 0 moves by at most :math:`r` times the RMS of its
-            leaf's nonzero elements (:math:`r` if the whole leaf is 0). So the
+            element that is 0 moves by at most ``r`` times the RMS of its
+            leaf's nonzero elements (``r`` if the whole leaf is 0). So the
             step never flips the sign of a hyperparameter, and moves
             ``lr=0.01`` by at most ``r * 0.01`` (at most 5e-4 in float32).
             ``result.relative_step`` is the largest fraction used. A number is an absolute
-            step: the length :math:`t` of the move along each unit direction,
+            step: the length ``t`` of the move along each unit direction,
             the same for every element (so no element moves by more than
             ``eps``).
         rtol: largest error that passes. ``None`` (default): ``1e-5`` when the
@@ -410,12 +410,12 @@ def check(
             of them is float32, ``3e-2`` for 16-bit dtypes.
         seed: seed of the check's own ``torch.Generator`` (the global RNG is untouched).
         no_grad: evaluate the finite differences under ``torch.no_grad()`` (then
-            :func:`nestgrad.train` does plain training with the same trajectory,
+            ``nestgrad.train()`` does plain training with the same trajectory,
             cheaply). Set False for an ``fn`` that calls ``torch.autograd.grad``
             itself.
 
     Returns:
-        A :class:`CheckResult`; ``print`` it for a table, test ``result.passed``.
+        A ``CheckResult``; ``print`` it for a table, test ``result.passed``.
 
     Example:
         >>> torch.set_default_dtype(torch.float64)

@@ -2,8 +2,8 @@
 
 When ``torch.autograd.grad(loss, A)`` raises "One of the differentiated Tensors
 appears to not have been used in the graph", or returns a gradient that is
-zero, autograd cannot say where ``A`` was lost. :func:`explain` runs the
-computation under a :class:`Tracker`, which follows every value derived
+zero, autograd cannot say where ``A`` was lost. ``explain()`` runs the
+computation under a ``Tracker``, which follows every value derived
 from the hyperparameters through every torch operation, differentiable or not,
 and records each place where such a value leaves autograd: the operation
 (``argmax``, ``detach``, an op inside ``torch.no_grad()``, ``.item()``, an
@@ -25,7 +25,7 @@ arguments of later torch calls; a number that goes through Python arithmetic
 first is lost, and the report then lists the conversions it saw. Only cuts that
 reach the loss are reported: an ``argmax`` for an accuracy metric is not.
 Whether the loss reaches the hyperparameters at all is decided by autograd's own
-graph (:func:`reaches`), not by the tracker; the tracker only explains.
+graph (``reaches()``), not by the tracker; the tracker only explains.
 
 Limits. A call implemented in C++ (``F.cross_entropy``, ``nn.LSTM``) is one
 operation to the tracker; the autograd engine's own work inside
@@ -47,11 +47,11 @@ cost per torch call made from Python (measured: about +5 us for a call on
 untracked Tensors, +18 us for one on tainted Tensors, on a shared 2-core CPU,
 torch 2.13), so the ratio is largest for small layers and fades for large ones.
 A 2-layer MLP (16-32-4, batch 64, float32, one thread) trained by
-:func:`nestgrad.train` with ``Unroll`` for 30 steps, then a validation loss:
+``nestgrad.train()`` with ``Unroll`` for 30 steps, then a validation loss:
 the run takes 2.0x to 2.1x as long with SGD(momentum) and 2.2x to 2.3x with Adam
 (27 -> 54 ms, 35 -> 79 ms); with the hypergradient's backward pass included, which
 is not tracked, 1.5x to 1.85x. Medians of 7 runs, several repeats. The check
-:func:`reaches` alone (no tracker) is one walk over the graph: 0.3 ms for a
+``reaches()`` alone (no tracker) is one walk over the graph: 0.3 ms for a
 455-node graph (a 6-layer transformer encoder) that does not reach the hparams,
 less when it does (it stops at the first hparam it finds).
 
@@ -242,7 +242,7 @@ class PathReport:
     """Whether, and through what, the hyperparameters reach a loss. ``str(report)`` explains it.
 
     Attributes:
-        loss: the Tensor that was explained (what ``fn`` returned, for :func:`explain`).
+        loss: the Tensor that was explained (what ``fn`` returned, for ``explain()``).
         status: ``"connected"`` (every path autograd can see reaches the loss),
             ``"partly cut"`` (the loss reaches the hparams, but some paths to it are
             cut, so the gradient misses them), ``"cut"`` (the loss depends on the
@@ -252,7 +252,7 @@ class PathReport:
         notes: further findings (hparams that do not require grad, conversions to
             Python numbers that may have re-entered as constants, ...).
         graph_reaches: whether autograd's graph links the loss to the hparams at all
-            (:func:`reaches`). With status ``"cut"`` it means: only through operations
+            (``reaches()``). With status ``"cut"`` it means: only through operations
             whose derivative is zero (``round``, ``sign``, ...).
     """
 
@@ -436,7 +436,7 @@ class _Mode(TorchFunctionMode):
 class Tracker:
     """Follows values derived from ``hparams`` through every torch operation while active.
 
-    Use :func:`tracking` to make one, as a context manager; then :meth:`report`
+    Use ``tracking()`` to make one, as a context manager; then ``report()``
     on the loss computed inside the block. Trackers are single-use.
 
     Example:
@@ -712,7 +712,7 @@ class Tracker:
     def report(self, loss: Tensor) -> PathReport:
         """Explain how ``loss`` (computed while this tracker was active) depends on the hparams.
 
-        Returns a :class:`PathReport`; it raises and warns nothing (:func:`explain` does).
+        Returns a ``PathReport``; it raises and warns nothing (``explain()`` does).
         """
         if not isinstance(loss, Tensor):
             raise TypeError(f"nestgrad.explain: the loss must be a Tensor; got {type(loss).__name__}.")
@@ -789,12 +789,12 @@ def _detail(name: str, o: Tensor, out: Any) -> str:
 
 
 def tracking(hparams: Any) -> Tracker:
-    """A :class:`Tracker` for ``hparams``: use it as ``with tracking(hparams) as tracker: ...``.
+    """A ``Tracker`` for ``hparams``: use it as ``with tracking(hparams) as tracker: ...``.
 
     Inside the block, every torch operation on a value derived from ``hparams``
     is followed; after it, ``tracker.report(loss)`` explains how ``loss`` depends
     on them. Use this when the computation cannot be passed as a function; otherwise
-    :func:`explain` is shorter.
+    ``explain()`` is shorter.
 
     Args:
         hparams: a Tensor or a tuple/list/dict of Tensors (those to explain the path from).
@@ -818,14 +818,14 @@ def explain(fn: Callable[[Any], Tensor], hparams: Any) -> PathReport:
 
     Args:
         fn: ``fn(hparams) -> loss Tensor``: the whole computation from the
-            hyperparameters to the loss, e.g. a call to :func:`nestgrad.train`
+            hyperparameters to the loss, e.g. a call to ``nestgrad.train()``
             and a validation loss. A function, not a loss, because a loss computed
             without tracking cannot be explained after the fact (see
-            :func:`tracking` for code that cannot be wrapped in one).
+            ``tracking()`` for code that cannot be wrapped in one).
         hparams: a Tensor or a tuple/list/dict of Tensors, passed to ``fn`` as they are.
 
     Returns:
-        A :class:`PathReport`; ``report.loss`` is what ``fn`` returned, ready for
+        A ``PathReport``; ``report.loss`` is what ``fn`` returned, ready for
         ``torch.autograd.grad(report.loss, hparams)``.
 
     Raises:
@@ -867,11 +867,11 @@ def _enforce(report: PathReport, stacklevel: int) -> None:
 
 
 def require_path(loss: Tensor, hparams: Any, rerun: Callable[[Any], Tensor]) -> PathReport | None:
-    """Raise :class:`DisconnectedError` when ``loss`` does not reach ``hparams``, explaining why.
+    """Raise ``DisconnectedError`` when ``loss`` does not reach ``hparams``, explaining why.
 
-    The check is :func:`reaches`, one pass over ``loss``'s graph. Only when it
+    The check is ``reaches()``, one pass over ``loss``'s graph. Only when it
     fails is ``rerun(hparams)`` (the same computation again) run under a
-    :class:`Tracker`, with the RNG state restored afterwards, to say where the
+    ``Tracker``, with the RNG state restored afterwards, to say where the
     path is cut. Returns ``None`` when the path exists, and the report when
     ``rerun`` does not use the hparams at all: the caller decides, since they may
     be used later (e.g. from some training step on).

@@ -1,4 +1,4 @@
-r"""A drop-in for the ``higher`` library, built on :func:`nestgrad.call` and :mod:`nestgrad.optim`.
+r"""A drop-in for the ``higher`` library, built on ``nestgrad.call()`` and ``nestgrad.optim``.
 
 Change one import and existing ``higher`` code runs on nestgrad::
 
@@ -13,15 +13,15 @@ Change one import and existing ``higher`` code runs on nestgrad::
 What is provided, with ``higher``'s names and signatures: ``innerloop_ctx`` (which is
 ``monkeypatch`` + ``get_diff_optim``, as in ``higher``), ``monkeypatch``, ``get_diff_optim``,
 ``create_diff_optim``, ``register_optim`` and the submodules ``patch`` (functional models,
-``make_functional``, ``buffer_sync``), ``optim`` (:class:`~nestgrad.higher.optim.DifferentiableOptimizer`
+``make_functional``, ``buffer_sync``), ``optim`` (``DifferentiableOptimizer``
 and ``DifferentiableSGD``, ``...Adam``, ``...AdamW``, ``...Adagrad``, ``...Adadelta``,
 ``...Adamax``, ``...ASGD``, ``...RMSprop``, ``...Rprop``, ``...NAdam``, ``...RAdam``;
 ``get_trainable_opt_params``, ``apply_trainable_opt_params``) and ``utils``. A user's optimizer
 is added as in ``higher``'s README: subclass ``DifferentiableOptimizer``, implement
 ``_update(grouped_grads, **kwargs)``, and ``register_optim(MyOptimizer, MyDifferentiableOptimizer)``.
-``fmodel(*args, **kwargs)`` runs your module through :func:`nestgrad.call` with the fast weights,
+``fmodel(*args, **kwargs)`` runs your module through ``nestgrad.call()`` with the fast weights,
 and ``diffopt.step(loss)`` takes ``torch.autograd.grad(loss, fast_weights, create_graph=True)``
-and applies the pure update of the :mod:`nestgrad.optim` twin of your ``torch.optim`` optimizer.
+and applies the pure update of the ``nestgrad.optim`` twin of your ``torch.optim`` optimizer.
 
 Differences from ``higher``
 ---------------------------
@@ -35,16 +35,16 @@ Differences from ``higher``
   untested"). With ``copy_initial_weights=False`` the inner loop is differentiable with
   respect to the outer fast weights, so an outer unroll can contain inner unrolls.
 * **Optimizers match torch.optim.** The built-in differentiable optimizers run the
-  :mod:`nestgrad.optim` rules (one copy of the math), which match ``torch.optim`` step for step,
+  ``nestgrad.optim`` rules (one copy of the math), which match ``torch.optim`` step for step,
   with every flag honoured (``maximize``, ``amsgrad``, ``nesterov``, ``centered``,
   ``decoupled_weight_decay``; ``higher`` ignores several). AdamW (missing from ``higher`` 0.2.1),
   NAdam and RAdam are added. ``higher``'s Adam adds ``eps`` before the bias correction (an older
   formula than ``torch.optim.Adam``'s), so its trajectories differ from ``torch.optim``'s by about
   ``eps / sqrt(1 - beta2**t)`` in the denominator; these do not. Where ``higher`` masks
   gradients at a zero second moment, the Adam family and RMSprop add ``eps_root=1e-30`` inside
-  the square root (see :class:`nestgrad.optim.Adam`), which keeps meta-gradients finite and
+  the square root (see ``nestgrad.optim.Adam``), which keeps meta-gradients finite and
   leaves the trajectory unchanged to float precision; RMSprop's meta-gradients are correct, so
-  ``higher``'s warning about them is not raised. A :mod:`nestgrad.optim` optimizer may be
+  ``higher``'s warning about them is not raised. A ``nestgrad.optim`` optimizer may be
   passed instead of a ``torch.optim`` one.
 * **SGD rounding.** ``DifferentiableSGD`` rounds ``p - lr * g`` as a product then a difference,
   as ``higher`` and hand-written unrolls do, so it is bit-identical to them; ``torch.optim.SGD``
@@ -98,7 +98,7 @@ Buffers and BatchNorm
 ``fmodel`` owns copies of the model's buffers, taken when the context is entered. In train
 mode, BatchNorm normalises with batch statistics (differentiably) and updates the running
 statistics in place on those copies; the model's own buffers are never changed. In eval mode
-it reads them. See :mod:`nestgrad.higher.patch` for ``fmodel.train()`` / ``fmodel.eval()``.
+it reads them. See ``nestgrad.higher.patch`` for ``fmodel.train()`` / ``fmodel.eval()``.
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ def innerloop_ctx(
             (the inner loop then starts from its current fast weights).
         opt: a ``torch.optim`` optimizer over ``model``'s parameters (SGD, Adam, AdamW,
             RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam, Rprop, ASGD, or a type added
-            with :func:`register_optim`), whose param groups, hyperparameters and state are
-            copied; or a :mod:`nestgrad.optim` optimizer.
+            with ``register_optim()``), whose param groups, hyperparameters and state are
+            copied; or a ``nestgrad.optim`` optimizer.
         device: where to put the fast weights, buffers and optimizer state (default: where
             the model's are).
         copy_initial_weights: start from detached copies of the weights (``True``, no gradient
@@ -167,7 +167,7 @@ def innerloop_ctx(
             fast weights detached after each step).
 
     Yields:
-        ``(fmodel, diffopt)``: the functional model and a :class:`DifferentiableOptimizer`.
+        ``(fmodel, diffopt)``: the functional model and a ``DifferentiableOptimizer``.
 
     Example:
         >>> lr = torch.tensor(0.1, requires_grad=True)

@@ -1,18 +1,18 @@
-"""Differentiable optimizers with the API of ``higher.optim``, running the :mod:`nestgrad.optim` rules.
+"""Differentiable optimizers with the API of ``higher.optim``, running the ``nestgrad.optim`` rules.
 
-A :class:`DifferentiableOptimizer` is built from a ``torch.optim`` optimizer and the list of
+A ``DifferentiableOptimizer`` is built from a ``torch.optim`` optimizer and the list of
 parameters it was built on (``model.parameters()``): it copies the param groups (their
 hyperparameters) and the optimizer's state, detached, and maps each parameter of each group
 to its position in that list. ``step(loss)`` then differentiates ``loss`` with respect to the
 current fast weights and returns the new ones, without ever touching the ``torch.optim``
 optimizer or the model.
 
-The built-in optimizers (:class:`DifferentiableSGD`, :class:`DifferentiableAdam`, ...) apply
-the pure update of the :mod:`nestgrad.optim` twin of their ``torch.optim`` class, so they match
+The built-in optimizers (``DifferentiableSGD``, ``DifferentiableAdam``, ...) apply
+the pure update of the ``nestgrad.optim`` twin of their ``torch.optim`` class, so they match
 ``torch.optim`` step for step. A user may add an optimizer as in ``higher``: subclass
-:class:`DifferentiableOptimizer`, implement ``_update(grouped_grads, **kwargs)`` (which replaces
+``DifferentiableOptimizer``, implement ``_update(grouped_grads, **kwargs)`` (which replaces
 ``group["params"][i]`` with the updated tensor, reading and writing
-``self.state[group_idx][p_idx]``), and :func:`register_optim` it.
+``self.state[group_idx][p_idx]``), and ``register_optim()`` it.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class DifferentiableOptimizer(abc.ABC):
             weights, usually ``model.parameters()``. Every parameter of ``other`` must be one
             of them (compared by identity); those ``other`` does not hold are never updated.
         fmodel: the functional model whose fast weights ``step`` updates (as returned by
-            :func:`nestgrad.higher.monkeypatch`). Without one, pass ``params`` to ``step``.
+            ``nestgrad.higher.monkeypatch()``). Without one, pass ``params`` to ``step``.
         device: where to put the copied state (default: where it is).
         override: ``{name: [value]}`` or ``{name: [value_group0, value_group1, ...]}``: sets a
             hyperparameter for all param groups or per group; values may be Tensors that
@@ -307,7 +307,7 @@ class DifferentiableOptimizer(abc.ABC):
 
 
 class _RuleOptimizer(DifferentiableOptimizer):
-    """A differentiable optimizer whose update is a :mod:`nestgrad.optim` rule's pure ``update``."""
+    """A differentiable optimizer whose update is a ``nestgrad.optim`` rule's pure ``update``."""
 
     _rule: ClassVar[type[_optim.Optimizer]]
     _rule_options: ClassVar[dict[str, Any]] = {}
@@ -428,16 +428,16 @@ def _rule_class(name: str, rule: type[_optim.Optimizer], doc: str, **options: An
 
 
 _DOC = (
-    "A differentiable ``torch.optim.{0}``: the update of :class:`nestgrad.optim.{0}`, which matches "
-    "``torch.optim.{0}`` step for step. See :class:`DifferentiableOptimizer` for the arguments."
+    "A differentiable ``torch.optim.{0}``: the update of ``nestgrad.optim.{0}``, which matches "
+    "``torch.optim.{0}`` step for step. See ``DifferentiableOptimizer`` for the arguments."
 )
 DifferentiableSGD = _rule_class(
     "DifferentiableSGD",
     _optim.SGD,
-    "A differentiable ``torch.optim.SGD``: the update of :class:`nestgrad.optim.SGD` with "
+    "A differentiable ``torch.optim.SGD``: the update of ``nestgrad.optim.SGD`` with "
     "``unfused_add=True``, i.e. ``p - lr * g`` rounded as a product then a difference, as in ``higher`` "
     "and in hand-written unrolls (``torch.optim.SGD`` rounds ``torch.add(p, g, alpha=-lr)`` once, "
-    "with FMA; the two differ in the last bit). See :class:`DifferentiableOptimizer` for the arguments.",
+    "with FMA; the two differ in the last bit). See ``DifferentiableOptimizer`` for the arguments.",
     unfused_add=True,
 )
 DifferentiableAdam = _rule_class("DifferentiableAdam", _optim.Adam, _DOC.format("Adam"))
@@ -453,7 +453,7 @@ DifferentiableRAdam = _rule_class("DifferentiableRAdam", _optim.RAdam, _DOC.form
 
 
 class _NestgradGroups:
-    """The param groups of a :mod:`nestgrad.optim` optimizer, in ``torch.optim``'s shape."""
+    """The param groups of a ``nestgrad.optim`` optimizer, in ``torch.optim``'s shape."""
 
     def __init__(self, opt: _optim.Optimizer, named: Sequence[tuple[str, Tensor]]) -> None:
         members: list[list[Tensor]] = [[] for _ in range(len(opt.groups) + 1)]
@@ -521,7 +521,7 @@ def register_optim(optim_type: type[torch.optim.Optimizer], diff_optim_type: typ
 
     Args:
         optim_type: a ``torch.optim.Optimizer`` subclass (matched exactly, not its subclasses).
-        diff_optim_type: a :class:`DifferentiableOptimizer` subclass with the same update,
+        diff_optim_type: a ``DifferentiableOptimizer`` subclass with the same update,
             implementing ``_update(grouped_grads, **kwargs)``. It replaces any earlier one.
     """
     if not (isinstance(optim_type, type) and issubclass(optim_type, torch.optim.Optimizer)):
@@ -551,9 +551,9 @@ def get_diff_optim(
 
     Args:
         opt: a ``torch.optim`` optimizer of a supported (or registered) type, or a
-            :mod:`nestgrad.optim` optimizer (whose groups name parameters as ``fmodel`` does).
+            ``nestgrad.optim`` optimizer (whose groups name parameters as ``fmodel`` does).
         reference_params: the parameters ``opt`` was built on, usually ``model.parameters()``.
-        fmodel, device, override, track_higher_grads, **kwargs: see :class:`DifferentiableOptimizer`.
+        fmodel, device, override, track_higher_grads, **kwargs: see ``DifferentiableOptimizer``.
     """
     reference = list(reference_params)
     args = dict(device=device, override=override, track_higher_grads=track_higher_grads, **kwargs)
@@ -583,7 +583,7 @@ def create_diff_optim(
         params: the fast weights (used for their shapes only), or param groups (dicts with
             ``"params"`` and per-group hyperparameters). Default: ``fmodel.parameters()``.
             The fast weights passed to ``step`` follow this order (groups concatenated).
-        fmodel, device, override, track_higher_grads, **kwargs: see :class:`DifferentiableOptimizer`.
+        fmodel, device, override, track_higher_grads, **kwargs: see ``DifferentiableOptimizer``.
     """
     where = "nestgrad.higher.create_diff_optim"
     if not isinstance(opt_type, type) or opt_type not in _opt_mapping:
@@ -642,7 +642,7 @@ def get_trainable_opt_params(
     Every hyperparameter that is a number (not a flag) or a structure of numbers (``betas``) in
     every param group becomes one Tensor per number, per group, with the same value. Pass the
     result as ``override`` to learn the hyperparameters, then write them back with
-    :func:`apply_trainable_opt_params`.
+    ``apply_trainable_opt_params()``.
     """
     groups = getattr(opt, "param_groups", None)
     if not isinstance(groups, list) or not groups:

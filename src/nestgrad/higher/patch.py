@@ -1,6 +1,6 @@
-"""Functional views of a module for ``nestgrad.higher``: fast weights run through :func:`nestgrad.call`.
+"""Functional views of a module for ``nestgrad.higher``: fast weights run through ``nestgrad.call()``.
 
-``monkeypatch(model)`` returns a :class:`FunctionalModel`: an ``nn.Module`` that holds no copy
+``monkeypatch(model)`` returns a ``FunctionalModel``: an ``nn.Module`` that holds no copy
 of ``model``, only a list of fast weights (in ``model.parameters()`` order), copies of its
 buffers and its own train/eval flags. Every call runs ``model`` itself through
 ``torch.func.functional_call``; ``model`` is never patched and its tensors never change.
@@ -35,7 +35,7 @@ def _copy(t: Tensor, device: Device, like: Tensor | None = None) -> Tensor:
 
 
 class _Functional(nn.Module):
-    """What :class:`FunctionalModel` and its submodule views share: a module, run with the root's fast weights.
+    """What ``FunctionalModel`` and its submodule views share: a module, run with the root's fast weights.
 
     Nothing of the wrapped module is registered on this ``nn.Module``: ``module`` and the root
     live in ``__dict__`` only, so ``fmodel.zero_grad()``, ``fmodel.train()`` and the like never
@@ -295,7 +295,7 @@ class _MethodCall(nn.Module):
 
 
 class FunctionalSubmodule(_Functional):
-    """A submodule of a :class:`FunctionalModel` (``fmodel.encoder``, ``fmodel[0]``), run with its fast weights.
+    """A submodule of a ``FunctionalModel`` (``fmodel.encoder``, ``fmodel[0]``), run with its fast weights.
 
     Calling it runs the submodule alone with the fast weights of the whole model's current
     version; ``params=`` takes a full list for the whole model, as in ``higher``.
@@ -309,7 +309,7 @@ class FunctionalSubmodule(_Functional):
 class FunctionalModel(_Functional):
     """A view of a module with fast weights: ``fmodel(*args)`` is ``nestgrad.call(module, weights, *args)``.
 
-    Returned by :func:`monkeypatch` and yielded by ``innerloop_ctx``; not built directly. It
+    Returned by ``monkeypatch()`` and yielded by ``innerloop_ctx``; not built directly. It
     holds no copy of the module, only the list of fast weights (in ``module.parameters()``
     order), copies of its buffers and its own train/eval flags, taken from the module when it
     is created (as in ``higher``: a later ``model.eval()`` does not change ``fmodel``).
@@ -438,7 +438,7 @@ class FunctionalModel(_Functional):
             self._history[:] = [params]
 
     def tensors(self, params: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
-        """The name -> Tensor dict that ``fmodel`` passes to :func:`nestgrad.call`."""
+        """The name -> Tensor dict that ``fmodel`` passes to ``nestgrad.call()``."""
         weights = self._version(None) if params is None else params
         return {**dict(zip(self._names, weights, strict=True)), **self._buffers}
 
@@ -488,7 +488,7 @@ def buffer_sync(module: nn.Module, fmodule: _Functional, device: Device = None) 
 
     Args:
         module: a module with the structure of ``fmodule.module`` (often that module itself).
-        fmodule: a functional model from :func:`monkeypatch` or :func:`make_functional`.
+        fmodule: a functional model from ``monkeypatch()`` or ``make_functional()``.
         device: where the copies live (default: where ``module``'s buffers are).
 
     Raises:
@@ -530,16 +530,16 @@ def make_functional(
 ) -> FunctionalModel:
     """A functional model of ``module`` with no fast weights yet: pass ``params=`` to its calls.
 
-    It runs ``module``'s own buffers on throwaway copies until :func:`buffer_sync` gives it
+    It runs ``module``'s own buffers on throwaway copies until ``buffer_sync()`` gives it
     its own (as in ``higher``, nothing is written back to ``module``).
 
     Args:
         module: the ``nn.Module`` (never modified).
         encapsulator: called as ``encapsulator(fmodel, module)`` before returning, to set up
-            fast weights or buffers (:func:`monkeypatch` uses it so).
+            fast weights or buffers (``monkeypatch()`` uses it so).
 
     Returns:
-        A :class:`FunctionalModel` with ``fast_params`` ``None``.
+        A ``FunctionalModel`` with ``fast_params`` ``None``.
     """
     if isinstance(module, _Functional):
         raise TypeError(
@@ -562,7 +562,7 @@ def monkeypatch(
 ) -> FunctionalModel:
     """A functional model of ``module``, with fast weights and copies of its buffers (``higher.monkeypatch``).
 
-    Nothing is patched: calls run ``module`` through :func:`nestgrad.call`, and ``module``
+    Nothing is patched: calls run ``module`` through ``nestgrad.call()``, and ``module``
     keeps its own weights, buffers and modes.
 
     Args:
@@ -576,7 +576,7 @@ def monkeypatch(
             gradients flow back through the updates; ``False`` keeps the latest only.
 
     Returns:
-        A :class:`FunctionalModel`: ``fmodel(x)``, ``fmodel(x, params=[...])``,
+        A ``FunctionalModel``: ``fmodel(x)``, ``fmodel(x, params=[...])``,
         ``fmodel.parameters(time=k)``, ``fmodel.update_params([...])``.
 
     Raises:

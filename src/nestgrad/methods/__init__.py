@@ -1,8 +1,8 @@
 """Hypergradient methods: how gradients get back through a training run, as small strategy objects.
 
-Each method is passed to :func:`nestgrad.train` as ``method=...``; the base classes and
-:class:`Unroll` live with the core (``_base``), one module per other method, and the
-matrix-free linear solvers of :class:`Implicit` in ``_solvers``.
+Each method is passed to ``nestgrad.train()`` as ``method=...``; the base classes and
+``Unroll`` live with the core (``_base``), one module per other method, and the
+matrix-free linear solvers of ``Implicit`` in ``_solvers``.
 """
 
 from ._base import AdjointMethod, Method, Unroll

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class Method(abc.ABC):
     """Base class of the hypergradient methods passed as ``train(..., method=...)``.
 
-    A method receives a :class:`~nestgrad.Problem` and the trainable
+    A method receives a ``Problem`` and the trainable
     initial weights, runs the training, and returns the trained weights wired
     into autograd however it sees fit.
     """
@@ -47,11 +47,11 @@ class AdjointMethod(Method):
     """Base class of methods that train without recording a graph and supply their own backward.
 
     ``run`` trains inside a ``torch.autograd.Function`` whose inputs are the initial
-    params and :meth:`Problem.hparam_tensors`, so the result composes with anything
+    params and ``Problem.hparam_tensors()``, so the result composes with anything
     else autograd knows, including other levels trained by any other method.
-    Subclasses implement :meth:`forward` and :meth:`backward`.
+    Subclasses implement ``forward()`` and ``backward()``.
 
-    What :meth:`forward` saves (a trajectory, a Jacobian) lives as long as autograd's own
+    What ``forward()`` saves (a trajectory, a Jacobian) lives as long as autograd's own
     saved tensors would: a backward pass without ``retain_graph=True`` frees it, and a
     second backward through the same run then raises, naming ``retain_graph=True``.
 
@@ -62,14 +62,14 @@ class AdjointMethod(Method):
     """
 
     differentiates_params: ClassVar[bool] = True
-    #: Whether :meth:`backward` takes the cotangents of the final optimizer state (``state_grads``)
+    #: Whether ``backward()`` takes the cotangents of the final optimizer state (``state_grads``)
     #: and returns a third element, dL/d(initial state tensors). Methods without it raise when the
     #: final state returned by ``train(..., return_state=True)`` is differentiated.
     differentiates_state: ClassVar[bool] = False
     # Whether ``backward`` re-runs the training steps with a graph, so that a data-parallel
     # run's all-reduces are replayed too (otherwise the cotangent is averaged across ranks first).
     replays_steps: ClassVar[bool] = False
-    #: What :meth:`backward` reads again of the user's tensors: some of "params" (the initial weights),
+    #: What ``backward()`` reads again of the user's tensors: some of "params" (the initial weights),
     #: "hparams", "frozen" and "trained" (the outputs). Changing them in place before backward raises.
     rereads: ClassVar[frozenset[str]] = frozenset({"hparams", "frozen"})
     #: What a NaN or inf hypergradient from finite inputs means for this method, and what to do.
@@ -93,7 +93,7 @@ class AdjointMethod(Method):
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
         """Train (autograd is off) from ``problem.init_state(params)``.
 
-        Returns ``(trained_params, final_state, saved)``; ``saved`` goes to :meth:`backward`.
+        Returns ``(trained_params, final_state, saved)``; ``saved`` goes to ``backward()``.
         """
 
     @abc.abstractmethod
@@ -317,7 +317,7 @@ def _raise_if_not_finite(named: dict[str, Tensor], what: str, hint: str) -> None
 
     The hook holds the names only: holding the tensors would make a cycle through their autograd
     nodes (tensor -> node -> hook -> tensor) that Python's garbage collector cannot see, and leak
-    every run. :func:`watch_gradients` makes no cycle either (torch's ``register_multi_grad_hook``
+    every run. ``watch_gradients()`` makes no cycle either (torch's ``register_multi_grad_hook``
     does: one garbage collection of the whole run per call).
     """
     if not named:

@@ -24,9 +24,9 @@ class FiniteDiff(AdjointMethod):
     r"""The DARTS second-order approximation: differentiate the last step only, by finite differences.
 
     Training runs as usual. The hypergradient is taken through the last update
-    :math:`W_T = U(w, g)` alone, with :math:`w = W_{T-1}` and the optimizer state
-    held fixed and :math:`g = \nabla_w L_{\text{train}}(w, \lambda)`. For plain SGD,
-    :math:`U = w - \xi g`, and given :math:`v = \partial L / \partial W_T`
+    ``W_T = U(w, g)`` alone, with ``w = W_{T-1}`` and the optimizer state
+    held fixed and ``g = \nabla_w L_{\text{train}}(w, \lambda)``. For plain SGD,
+    ``U = w - \xi g``, and given ``v = \partial L / \partial W_T``
     (Liu et al., 2019, eq. 7-8):
 
     .. math::
@@ -35,15 +35,15 @@ class FiniteDiff(AdjointMethod):
                               - \nabla_\lambda L_{\text{train}}(w^-, \lambda)}{2\epsilon},
         \qquad w^\pm = w \pm \epsilon v,\quad \epsilon = \frac{\text{eps}}{\lVert v\rVert}.
 
-    Any other :mod:`nestgrad.optim` optimizer is handled by the same formula with
-    :math:`-\xi v` replaced by :math:`u = (\partial U / \partial g)^\top v`, the exact
+    Any other ``nestgrad.optim`` optimizer is handled by the same formula with
+    ``-\xi v`` replaced by ``u = (\partial U / \partial g)^\top v``, the exact
     vector-Jacobian product of the last update with respect to its gradient input
-    (cheap: the update is elementwise), and :math:`\epsilon = \text{eps}/\lVert u\rVert`.
-    For SGD this is DARTS exactly (the same points :math:`w \mp \text{eps}\, v/\lVert v\rVert`),
+    (cheap: the update is elementwise), and ``\epsilon = \text{eps}/\lVert u\rVert``.
+    For SGD this is DARTS exactly (the same points ``w \mp \text{eps}\, v/\lVert v\rVert``),
     and for every optimizer the result is ``Unroll(truncate=1)`` up to
-    :math:`O(\text{eps}^2)`. Gradients with respect to the optimizer's Tensor
+    ``O(\text{eps}^2)``. Gradients with respect to the optimizer's Tensor
     hyperparameters (``lr``, ``momentum``, ...) are the exact VJP of the last update,
-    e.g. :math:`v^\top dW_T/d\xi = -v^\top g` for SGD.
+    e.g. ``v^\top dW_T/d\xi = -v^\top g`` for SGD.
 
     Cost: the ordinary training run, plus 2 gradient evaluations of the training
     loss with respect to the hyperparameters (no second derivatives, no graph of
@@ -52,10 +52,10 @@ class FiniteDiff(AdjointMethod):
     Bias: the one-step approximation ignores how the hyperparameters moved the
     weights during the first ``T - 1`` steps, so it is biased (often badly, and
     it can point the wrong way) unless training is close to a fixed point or
-    ``steps == 1``; the finite difference adds an :math:`O(\text{eps}^2)` error. There
+    ``steps == 1``; the finite difference adds an ``O(\text{eps}^2)`` error. There
     is no variance. Use it for DARTS-style alternating bilevel optimization, where
     the inner problem takes one or a few steps per outer step; use
-    :class:`~nestgrad.Unroll` or :class:`~nestgrad.Reverse` for exact hypergradients.
+    ``Unroll`` or ``Reverse`` for exact hypergradients.
     The gradient with respect to the initial weights is not computed
     (asking for it raises).
 

@@ -25,7 +25,7 @@ _MODES: tuple[str, ...] = ("auto", "forward", "double-backward")
 
 
 class ForwardRun(NamedTuple):
-    """How one :class:`Forward` run pushed its tangents through the steps (``Forward.last_run``, ``on_run``).
+    """How one ``Forward`` run pushed its tangents through the steps (``Forward.last_run``, ``on_run``).
 
     Attributes:
         forward_steps: steps whose tangents came from forward-mode AD (``torch.func.jvp``).
@@ -51,13 +51,13 @@ class ForwardRun(NamedTuple):
 
 
 class Jacobian(NamedTuple):
-    """What :class:`Forward` keeps for the backward pass: the trained weights' Jacobian, and no trajectory.
+    """What ``Forward`` keeps for the backward pass: the trained weights' Jacobian, and no trajectory.
 
     Attributes:
         tangents: ``d trained[name] / d hparams`` as a ``[K, *shape]`` Tensor per weight,
             row ``i`` being the derivative along hyperparameter element ``i``; ``None`` where
             the weight does not depend on any hyperparameter.
-        slices: for each of :meth:`Problem.hparam_tensors`, the rows ``(start, stop)`` of its
+        slices: for each of ``Problem.hparam_tensors()``, the rows ``(start, stop)`` of its
             elements (flattened), or ``None`` for a tensor that does not require grad.
     """
 
@@ -93,12 +93,12 @@ class Forward(AdjointMethod):
     trained weights leave the forward pass together with their Jacobian, and the
     backward pass is a single product. Nothing is stored per step: memory does not
     grow with the number of steps, and time grows linearly with the number of
-    hyperparameter elements. The result equals :class:`~nestgrad.Unroll` to float
+    hyperparameter elements. The result equals ``Unroll`` to float
     precision.
 
-    With one step :math:`(W_{t+1}, S_{t+1}) = \Phi_t(W_t, S_t, \lambda)` of the
-    optimizer, the tangents :math:`Z_t = dW_t/d\lambda` and :math:`Y_t = dS_t/d\lambda`
-    (one row per element of :math:`\lambda`) follow
+    With one step ``(W_{t+1}, S_{t+1}) = \Phi_t(W_t, S_t, \lambda)`` of the
+    optimizer, the tangents ``Z_t = dW_t/d\lambda`` and ``Y_t = dS_t/d\lambda``
+    (one row per element of ``\lambda``) follow
 
     .. math::
         Z_{t+1} &= \partial_W \Phi_t\, Z_t + \partial_S \Phi_t\, Y_t + \partial_\lambda \Phi_t \\
@@ -106,7 +106,7 @@ class Forward(AdjointMethod):
         Z_0 &= 0, \quad Y_0 = dS_0/d\lambda \\
         \frac{dL}{d\lambda} &= Z_T^\top\, \nabla_{W_T} L
 
-    where :math:`S_0` is the optimizer's initial state, which may itself depend on a
+    where ``S_0`` is the optimizer's initial state, which may itself depend on a
     hyperparameter (``Adagrad(initial_accumulator_value=...)``, ``Rprop(lr=...)``).
     The hyperparameters are the leaves of ``hparams`` and the optimizer's Tensor
     hyperparameters that require grad; another level's trained weights are fine.
@@ -121,12 +121,12 @@ class Forward(AdjointMethod):
 
     Where forward-mode AD fails, the default ``mode="auto"`` switches, for that step and the
     rest of the run, to the **double-backward trick**, which works wherever double backward
-    works: with a dummy cotangent :math:`u`, the step's vector-Jacobian product
-    :math:`g(u) = J^\top u` is built with a graph, and :math:`J v = \partial_u \langle g(u), v
-    \rangle` is one more backward pass, taken for many directions :math:`v` at once
-    (``is_grads_batched``). Both paths are exact (they agree with :class:`~nestgrad.Unroll` to
+    works: with a dummy cotangent ``u``, the step's vector-Jacobian product
+    ``g(u) = J^\top u`` is built with a graph, and ``J v = \partial_u \langle g(u), v
+    \rangle`` is one more backward pass, taken for many directions ``v`` at once
+    (``is_grads_batched``). Both paths are exact (they agree with ``Unroll`` to
     rounding), so the switch never changes a result, only the time. ``Forward.last_run`` (or
-    ``on_run``) says which ran and why (a :class:`ForwardRun`). On torch 2.13, forward mode fails,
+    ``on_run``) says which ran and why (a ``ForwardRun``). On torch 2.13, forward mode fails,
     and the fallback runs, for:
 
     * ``F.mse_loss`` (``"ZeroTensors are immutable"``, pytorch#123996) and ``F.huber_loss``
@@ -134,7 +134,7 @@ class Forward(AdjointMethod):
       forward-mode formula for its backward;
     * random ops (dropout): ``torch.func.vmap`` draws random numbers differently from
       training, so Forward lets vmap refuse them and falls back, which keeps the randomness
-      training used (and consumes the random numbers :class:`~nestgrad.Unroll` would);
+      training used (and consumes the random numbers ``Unroll`` would);
     * modules that write buffers in place (BatchNorm in train mode), which functorch refuses;
     * anything else that ``torch.func`` cannot transform (``torch.autograd.grad`` inside
       ``loss_fn``, data-dependent control flow on a tangent, ...).
@@ -148,18 +148,18 @@ class Forward(AdjointMethod):
     connected to the initial weights, and asking for that gradient raises. The backward
     pass treats the Jacobian as a constant, so it gives first derivatives only.
 
-    Cost, with :math:`K` hyperparameter elements and :math:`T` steps: memory
-    :math:`O((|W| + |S|)\,K)` for the tangents, independent of :math:`T`; time :math:`O(K\,T)`
+    Cost, with ``K`` hyperparameter elements and ``T`` steps: memory
+    ``O((|W| + |S|)\,K)`` for the tangents, independent of ``T``; time ``O(K\,T)``
     step-JVPs. In forward mode a step costs two gradients (training's and the forward-mode
-    evaluation's) plus :math:`K` tangent passes, each about two gradients' worth of arithmetic
+    evaluation's) plus ``K`` tangent passes, each about two gradients' worth of arithmetic
     (every matrix product of the forward and backward pass gets two tangent products), while
-    :class:`~nestgrad.Unroll` costs about three gradients per step: Forward takes about
-    :math:`(2 + 2K)/3` times Unroll's time at best, 1.3x for one hyperparameter and 7x for ten
+    ``Unroll`` costs about three gradients per step: Forward takes about
+    ``(2 + 2K)/3`` times Unroll's time at best, 1.3x for one hyperparameter and 7x for ten
     (benchmarks/bench_forward.py; the double-backward trick is about 10% slower than forward
     mode there). Use it for long runs with few hyperparameters (learning rates, a few
     regularization weights, a small per-example weighting), where Unroll's memory is the
-    problem; for many hyperparameters use :class:`~nestgrad.Reverse` or
-    :class:`~nestgrad.Implicit`.
+    problem; for many hyperparameters use ``Reverse`` or
+    ``Implicit``.
 
     Args:
         max_hparams: refuse with a ``ValueError`` (instead of running out of memory)
@@ -179,7 +179,7 @@ class Forward(AdjointMethod):
         mode: ``"auto"`` (forward mode, falling back to the double-backward trick where it
             fails, see above), ``"forward"`` (forward mode only: raise where it fails) or
             ``"double-backward"`` (the double-backward trick for every step).
-        on_run: called at the end of every run's forward pass with its :class:`ForwardRun`
+        on_run: called at the end of every run's forward pass with its ``ForwardRun``
             (which path ran, and why), e.g. ``runs.append``. ``Forward.last_run`` holds the
             latest one too.
 
@@ -336,7 +336,7 @@ def _step(
 
 
 class _Record:
-    """What a run did so far: which path the next step takes, and the counts for :class:`ForwardRun`."""
+    """What a run did so far: which path the next step takes, and the counts for ``ForwardRun``."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -401,7 +401,7 @@ def _forward_step(
 ) -> tuple[dict[str, Tensor], OptState, list[Tangent], list[Tangent]]:
     """Step ``t`` as in training (with every check), then its tangents by forward-mode AD.
 
-    The training step runs first, as :meth:`Problem.fit` runs it (with a graph only while the
+    The training step runs first, as ``Problem.fit()`` runs it (with a graph only while the
     path from the hyperparameters to the loss is still being checked). Then the tangents are
     pushed through an evaluation of the same step on the same batch, random generator state and
     throwaway buffers; when forward-mode AD fails there, ``mode="auto"`` replays the step with a

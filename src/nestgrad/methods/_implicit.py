@@ -57,28 +57,28 @@ class Implicit(AdjointMethod):
     r"""Hypergradients by the implicit function theorem at the trained weights.
 
     The forward pass is plain first-order training. The backward pass assumes the trained
-    weights :math:`W^*` satisfy an optimality condition and differentiates that condition
+    weights ``W^*`` satisfy an optimality condition and differentiates that condition
     instead of the run, so its cost does not depend on the number of steps. With
-    :math:`v = \partial \mathcal{L}/\partial W^*` coming from the outer loss:
+    ``v = \partial \mathcal{L}/\partial W^*`` coming from the outer loss:
 
-    *Gradient condition* (``solver`` = :class:`~nestgrad.CG` or :class:`~nestgrad.Neumann`):
-    :math:`\nabla_W L(W^*, \lambda) = 0`, with :math:`L` the training loss on the condition
-    batch. Solve :math:`H x = v` with :math:`H = \nabla^2_W L(W^*, \lambda)` using
+    *Gradient condition* (``solver`` = ``CG`` or ``Neumann``):
+    ``\nabla_W L(W^*, \lambda) = 0``, with ``L`` the training loss on the condition
+    batch. Solve ``H x = v`` with ``H = \nabla^2_W L(W^*, \lambda)`` using
     Hessian-vector products, then
 
     .. math::
         \frac{d\mathcal{L}}{d\lambda} = -\nabla_\lambda \big(x^\top \nabla_W L(W^*, \lambda)\big).
 
-    *Fixed-point condition* (``solver`` = :class:`~nestgrad.FixedPoint`):
-    :math:`(W^*, S^*) = \Phi(W^*, S^*, \lambda)`, where :math:`\Phi` is one step of the
-    optimizer itself (weights and state :math:`S`, e.g. momentum buffers). Solve
-    :math:`x = (v, 0) + (\partial\Phi/\partial(W, S))^\top x` by fixed-point iteration, then
+    *Fixed-point condition* (``solver`` = ``FixedPoint``):
+    ``(W^*, S^*) = \Phi(W^*, S^*, \lambda)``, where ``\Phi`` is one step of the
+    optimizer itself (weights and state ``S``, e.g. momentum buffers). Solve
+    ``x = (v, 0) + (\partial\Phi/\partial(W, S))^\top x`` by fixed-point iteration, then
 
     .. math::
         \frac{d\mathcal{L}}{d\lambda} = \Big(\frac{\partial\Phi}{\partial\lambda}\Big)^\top x.
 
     This is right for any fixed point the optimizer converges to, also one that is not a
-    zero of :math:`\nabla_W L` (weight decay inside the optimizer, AdamW).
+    zero of ``\nabla_W L`` (weight decay inside the optimizer, AdamW).
 
     The condition batch: ``batch`` if given, else the batch of the last training step
     (``t = steps - 1``, remembered even when ``data`` is an iterator). Randomness in
@@ -89,23 +89,23 @@ class Implicit(AdjointMethod):
     Optimizer hyperparameters: under the gradient condition the optimum does not depend
     on them, so the gradient w.r.t. a Tensor ``lr``, ``momentum``, ... is exactly zero
     (returned as zeros). Under the fixed-point condition it is
-    :math:`(\partial\Phi/\partial\lambda_{\mathrm{opt}})^\top x`: about zero for ``lr`` or
+    ``(\partial\Phi/\partial\lambda_{\mathrm{opt}})^\top x``: about zero for ``lr`` or
     ``momentum`` (they do not move the fixed point) and the true value for terms that do,
-    such as ``weight_decay``. To tune the learning rate, use :class:`~nestgrad.Unroll` or
-    :class:`~nestgrad.Reverse`. The initial weights get no gradient: ``W*`` does not depend
+    such as ``weight_decay``. To tune the learning rate, use ``Unroll`` or
+    ``Reverse``. The initial weights get no gradient: ``W*`` does not depend
     on them, and asking autograd for it raises.
 
     Args:
-        solver: a :class:`~nestgrad.CG` (default, for a positive definite Hessian),
-            :class:`~nestgrad.Neumann` or :class:`~nestgrad.FixedPoint`. A solve that stops
-            short warns (:class:`~nestgrad.ConvergenceWarning`) with the residual, the
+        solver: a ``CG`` (default, for a positive definite Hessian),
+            ``Neumann`` or ``FixedPoint``. A solve that stops
+            short warns (``ConvergenceWarning``) with the residual, the
             iterations and the fix.
         batch: the batch whose training loss defines the optimality condition; ``None`` for
             the last training step's batch.
-        on_solve: called with the :class:`~nestgrad.Solution` of every backward solve, e.g.
+        on_solve: called with the ``Solution`` of every backward solve, e.g.
             ``solutions.append``, to log iterations and residuals. Its ``value`` is a flat list:
             one tensor per trained weight the condition uses (then, for
-            :class:`~nestgrad.FixedPoint`, one per optimizer state slot).
+            ``FixedPoint``, one per optimizer state slot).
 
     Example:
         >>> trained = nestgrad.train(loss_fn, params, nestgrad.optim.SGD(lr=0.1), data, steps=2000,
@@ -116,11 +116,11 @@ class Implicit(AdjointMethod):
     weights and optimizer state. The backward pass takes ``k + 2`` gradient evaluations for
     ``k`` solver iterations: one gradient (or optimizer step) recorded with its graph, ``k``
     Hessian-vector (or vector-Jacobian) products through it, and one mixed product for
-    :math:`\lambda`; each product costs about one gradient evaluation. This is independent
+    ``\lambda``; each product costs about one gradient evaluation. This is independent
     of ``steps``. Memory: one recorded gradient graph.
 
-    When to use: training runs to (near) convergence, long runs where :class:`~nestgrad.Unroll`
-    and :class:`~nestgrad.Reverse` are too slow or too big, and hyperparameters of the loss
+    When to use: training runs to (near) convergence, long runs where ``Unroll``
+    and ``Reverse`` are too slow or too big, and hyperparameters of the loss
     (regularization, example weights, another level's weights). Not for hyperparameters that
     act only through the path, e.g. the learning rate or the initialization, and not when
     training stops far from an optimum (early stopping): the result is then approximate in

@@ -27,11 +27,11 @@ class Reverse(AdjointMethod):
     optimizer state before each step (or before every ``checkpoint_every``-th step),
     and the RNG state there when the steps that follow draw random numbers. The
     backward pass walks the steps in reverse: it recomputes each step with a graph,
-    takes its vector-Jacobian product, and frees it. The result equals :class:`Unroll` to float precision.
+    takes its vector-Jacobian product, and frees it. The result equals ``Unroll`` to float precision.
 
     Memory: ``T`` copies of weights and state, or ``T/k + k`` with
     ``checkpoint_every=k`` (``k ≈ √T`` is the classic choice), against ``T``
-    full autograd graphs for :class:`Unroll`. Time: about one extra forward and
+    full autograd graphs for ``Unroll``. Time: about one extra forward and
     backward per step (two with checkpointing).
 
     Randomness (dropout) replays exactly; batches from sequences and callables are
@@ -143,7 +143,7 @@ class _Trajectory:
     Keeping one small tensor per step alive between each step's large, short-lived
     activations fragments the heap: glibc then holds 3-6 times the bytes stored. One
     buffer per tensor, written in place, does not. RNG states are kept per checkpoint,
-    and only where the steps that follow draw random numbers (:class:`RngLog`).
+    and only where the steps that follow draw random numbers (``RngLog``).
 
     The start of the run is kept by reference, not copied: the weights are ``train``'s
     private clones and a fresh optimizer state is the run's own, and neither is ever

@@ -4,17 +4,17 @@ Every solver is a small frozen object called as::
 
     solution = solver(matvec, b, *, init=None)
 
-where ``matvec(x)`` returns :math:`A x` for ``x`` of the same structure as ``b``: a
-Tensor, or a list, tuple or dict (any nesting) of Tensors. The matrix :math:`A` is
-never formed. The result is a :class:`Solution` holding the solution in the structure
+where ``matvec(x)`` returns ``A x`` for ``x`` of the same structure as ``b``: a
+Tensor, or a list, tuple or dict (any nesting) of Tensors. The matrix ``A`` is
+never formed. The result is a ``Solution`` holding the solution in the structure
 of ``b``, the number of iterations, the relative residual and whether the tolerance was
-met. A solve that stops short emits a :class:`ConvergenceWarning` that says why and what
+met. A solve that stops short emits a ``ConvergenceWarning`` that says why and what
 to change.
 
-:class:`CG` is for symmetric positive definite :math:`A` (a Hessian at a minimum);
-:class:`Neumann` sums a fixed number of terms of a Neumann series (cheap, biased);
-:class:`FixedPoint` iterates :math:`x \leftarrow x + (b - A x)` until the residual meets the
-tolerance; :class:`nestgrad.Implicit` uses it on the optimizer's own update map.
+``CG`` is for symmetric positive definite ``A`` (a Hessian at a minimum);
+``Neumann`` sums a fixed number of terms of a Neumann series (cheap, biased);
+``FixedPoint`` iterates ``x \leftarrow x + (b - A x)`` until the residual meets the
+tolerance; ``nestgrad.Implicit`` uses it on the optimizer's own update map.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ class Solution:
     """The result of a linear solve.
 
     Attributes:
-        value: the approximate solution :math:`x`, in the structure of ``b``.
+        value: the approximate solution ``x``, in the structure of ``b``.
         steps: iterations completed, each one ``matvec``.
-        residual: relative residual :math:`\\|b - A x\\| / \\|b\\|` as tracked by the
+        residual: relative residual ``\\|b - A x\\| / \\|b\\|`` as tracked by the
             iteration (0 when ``b`` is 0).
         converged: whether the stopping criterion was met (see each solver).
         result: ``"successful"``, ``"max_steps_reached"``, ``"not_positive_definite"``
@@ -80,7 +80,7 @@ class Solution:
 
 
 class LinearSolver(abc.ABC):
-    """Base class of the matrix-free solvers :class:`CG`, :class:`Neumann` and :class:`FixedPoint`.
+    """Base class of the matrix-free solvers ``CG``, ``Neumann`` and ``FixedPoint``.
 
     Call a solver as ``solver(matvec, b, *, init=None) -> Solution``. Subclasses
     implement ``_solve`` on flat lists of tensors and ``_fix``, the advice printed
@@ -88,7 +88,7 @@ class LinearSolver(abc.ABC):
     """
 
     def __call__(self, matvec: Callable[[Any], Any], b: Any, *, init: Any = None) -> Solution:
-        """Solve :math:`A x = b` where ``matvec(x)`` computes :math:`A x`.
+        """Solve ``A x = b`` where ``matvec(x)`` computes ``A x``.
 
         Args:
             matvec: the linear map, taking and returning the structure of ``b``.
@@ -96,7 +96,7 @@ class LinearSolver(abc.ABC):
             init: a starting guess in the structure of ``b``; ``None`` starts at 0.
 
         Returns:
-            A :class:`Solution` whose ``value`` has the structure of ``b``.
+            A ``Solution`` whose ``value`` has the structure of ``b``.
         """
         leaves, spec = pytree.tree_flatten(b)
         name = type(self).__name__
@@ -124,7 +124,7 @@ class LinearSolver(abc.ABC):
         return dataclasses.replace(solution, value=pytree.tree_unflatten(solution.value, spec))
 
     def _run(self, matvec: MatVec, b: Tensors, init: Tensors | None) -> Solution:
-        """:meth:`_solve`, with its ``matvec`` calls counted into ``Solution.matvecs``. Never warns."""
+        """``_solve()``, with its ``matvec`` calls counted into ``Solution.matvecs``. Never warns."""
         calls = 0
 
         def counted(xs: Tensors) -> Tensors:
@@ -154,25 +154,25 @@ def explain(solver: LinearSolver, solution: Solution) -> str:
 
 @dataclass(frozen=True)
 class CG(LinearSolver):
-    r"""Conjugate gradients for a symmetric positive definite :math:`A`.
+    r"""Conjugate gradients for a symmetric positive definite ``A``.
 
     .. math::
         \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k},\quad
         x_{k+1} = x_k + \alpha_k p_k,\quad r_{k+1} = r_k - \alpha_k A p_k,\quad
         p_{k+1} = r_{k+1} + \frac{r_{k+1}^\top r_{k+1}}{r_k^\top r_k}\, p_k
 
-    Stops when :math:`\|r_k\| \le \mathrm{tol}\,\|b\|`, which takes at most about
-    :math:`\tfrac12\sqrt{\kappa}\,\ln(2/\mathrm{tol})` iterations for condition number
-    :math:`\kappa` (and at most :math:`n` in exact arithmetic). Every division is guarded:
+    Stops when ``\|r_k\| \le \mathrm{tol}\,\|b\|``, which takes at most about
+    ``\tfrac12\sqrt{\kappa}\,\ln(2/\mathrm{tol})`` iterations for condition number
+    ``\kappa`` (and at most ``n`` in exact arithmetic). Every division is guarded:
     ``b = 0`` returns 0 at once, a residual that reaches exactly 0 stops the iteration, and
-    a direction with :math:`p^\top A p \le 0`, or numerically 0 relative to the largest
-    curvature met (:math:`A` indefinite or singular, e.g. a Hessian away from a minimum),
+    a direction with ``p^\top A p \le 0``, or numerically 0 relative to the largest
+    curvature met (``A`` indefinite or singular, e.g. a Hessian away from a minimum),
     stops it with ``result="not_positive_definite"`` and a warning, keeping the last iterate.
     CG never returns NaN or inf for finite inputs.
 
     Args:
         max_steps: iteration limit (each iteration is one ``matvec``).
-        tol: relative residual to reach, :math:`\|b - Ax\| \le \mathrm{tol}\,\|b\|`.
+        tol: relative residual to reach, ``\|b - Ax\| \le \mathrm{tol}\,\|b\|``.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
@@ -181,8 +181,8 @@ class CG(LinearSolver):
         (tensor([0.0909, 0.6364]), 2, True)
 
     When to use: a symmetric positive definite system, e.g. the Hessian at a minimum
-    (:class:`nestgrad.Implicit`'s default). Fastest of the three by far when
-    :math:`\kappa` is large.
+    (``nestgrad.Implicit``'s default). Fastest of the three by far when
+    ``\kappa`` is large.
     """
 
     max_steps: int = 100
@@ -248,32 +248,32 @@ class CG(LinearSolver):
 
 @dataclass(frozen=True)
 class Neumann(LinearSolver):
-    r"""A truncated Neumann series: ``steps`` terms of :math:`A^{-1} = \alpha\sum_k (I - \alpha A)^k`.
+    r"""A truncated Neumann series: ``steps`` terms of ``A^{-1} = \alpha\sum_k (I - \alpha A)^k``.
 
     .. math::
         x = \alpha \sum_{k=0}^{\mathrm{steps}-1} (I - \alpha A)^k\, b
 
-    computed as the Richardson iteration :math:`x_{k+1} = x_k + \alpha r_k`,
-    :math:`r_{k+1} = r_k - \alpha A r_k` (one ``matvec`` per term), whose residual
-    :math:`r_K = (I-\alpha A)^K b` comes for free. The series converges when the
-    eigenvalues of :math:`A` lie in :math:`(0, 2/\alpha)`, at the rate
-    :math:`1 - \alpha\lambda_{\min}`: slowly when :math:`A` is ill-conditioned, so a few
+    computed as the Richardson iteration ``x_{k+1} = x_k + \alpha r_k``,
+    ``r_{k+1} = r_k - \alpha A r_k`` (one ``matvec`` per term), whose residual
+    ``r_K = (I-\alpha A)^K b`` comes for free. The series converges when the
+    eigenvalues of ``A`` lie in ``(0, 2/\alpha)``, at the rate
+    ``1 - \alpha\lambda_{\min}``: slowly when ``A`` is ill-conditioned, so a few
     terms give a cheap, biased (shrunk) solution.
 
     Args:
         steps: number of terms (``matvec`` calls).
-        alpha: step size; keep :math:`\alpha < 2/\lambda_{\max}(A)`, e.g. the learning rate
-            that trained the weights when :math:`A` is the Hessian.
+        alpha: step size; keep ``\alpha < 2/\lambda_{\max}(A)``, e.g. the learning rate
+            that trained the weights when ``A`` is the Hessian.
         tol: stop early once the relative residual is at most ``tol``, and count the solve as
             converged only then. ``None`` always sums ``steps`` terms and counts the solve as
-            converged unless the series diverged (residual above :math:`\|b\|`).
+            converged unless the series diverged (residual above ``\|b\|``).
 
     Example:
         >>> sol = nestgrad.Neumann(steps=50, alpha=0.2)(lambda x: A @ x, b)
 
     When to use: a fixed, small budget of Hessian-vector products, or when CG reports that
     the Hessian is not positive definite (a small ``alpha`` damps the negative directions'
-    growth for a few terms). Otherwise prefer :class:`CG`.
+    growth for a few terms). Otherwise prefer ``CG``.
     """
 
     steps: int
@@ -310,24 +310,24 @@ class FixedPoint(LinearSolver):
     .. math::
         x_{k+1} = x_k + (b - A x_k)
 
-    For :math:`A = I - M` this is :math:`x_{k+1} = b + M x_k`, the fixed-point iteration
-    of :math:`x = b + M x`, which converges when the spectral radius of :math:`M` is below 1,
-    at that rate. Its residual is updated as :math:`r_{k+1} = r_k - A r_k`, so each
+    For ``A = I - M`` this is ``x_{k+1} = b + M x_k``, the fixed-point iteration
+    of ``x = b + M x``, which converges when the spectral radius of ``M`` is below 1,
+    at that rate. Its residual is updated as ``r_{k+1} = r_k - A r_k``, so each
     iteration costs one ``matvec``.
 
-    Passed to :class:`nestgrad.Implicit`, it selects the optimizer's own update map
-    :math:`\Phi` as the optimality condition and solves
-    :math:`x = v + (\partial\Phi/\partial(W, S))^\top x`: the solution is right for any
+    Passed to ``nestgrad.Implicit``, it selects the optimizer's own update map
+    ``\Phi`` as the optimality condition and solves
+    ``x = v + (\partial\Phi/\partial(W, S))^\top x``: the solution is right for any
     optimizer whose iterates converge, gradient fixed point or not.
 
     Args:
         max_steps: iteration limit (each iteration is one ``matvec``).
-        tol: relative residual to reach, :math:`\|b - Ax\| \le \mathrm{tol}\,\|b\|`.
+        tol: relative residual to reach, ``\|b - Ax\| \le \mathrm{tol}\,\|b\|``.
 
     Example:
         >>> sol = nestgrad.FixedPoint(max_steps=500, tol=1e-8)(lambda x: A @ x, b)
 
-    When to use: with :class:`nestgrad.Implicit` when the optimizer's fixed point is not a
+    When to use: with ``nestgrad.Implicit`` when the optimizer's fixed point is not a
     zero of the training loss's gradient (weight decay inside the optimizer, AdamW), or to get
     gradients w.r.t. the optimizer's own hyperparameters where they move the fixed point.
     """
@@ -465,7 +465,7 @@ class _Lists:
 
 
 def _space(b: Tensors) -> Any:
-    """:class:`_Flat` when ``b``'s tensors share one floating dtype and one device, else :class:`_Lists`."""
+    """``_Flat`` when ``b``'s tensors share one floating dtype and one device, else ``_Lists``."""
     first = b[0] if b else None
     if (
         first is not None
@@ -477,7 +477,7 @@ def _space(b: Tensors) -> Any:
 
 
 def _dot(xs: Tensors, ys: Tensors) -> float:
-    """:math:`\\sum_i \\langle x_i, y_i\\rangle`, accumulated in float64, as a Python float (one host read).
+    """``\\sum_i \\langle x_i, y_i\\rangle``, accumulated in float64, as a Python float (one host read).
 
     Called a few times per solver iteration, so it costs one kernel per tensor pair (a float64
     ``dot``; float32 and lower products summed in float64) and, for several tensors, one stack

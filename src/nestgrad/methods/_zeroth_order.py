@@ -25,18 +25,18 @@ if TYPE_CHECKING:
 class ZerothOrder(AdjointMethod):
     r"""Estimate the hypergradient from training runs at randomly perturbed hyperparameters.
 
-    Let :math:`\lambda` be every hyperparameter element that requires grad (the
+    Let ``\lambda`` be every hyperparameter element that requires grad (the
     leaves of ``hparams`` and the optimizer's Tensor hyperparameters, concatenated),
-    :math:`W(\lambda)` the trained weights and :math:`v = \partial L/\partial W`
-    at the unperturbed run. With :math:`\varepsilon_i \sim \mathcal N(0, I)`, the
+    ``W(\lambda)`` the trained weights and ``v = \partial L/\partial W``
+    at the unperturbed run. With ``\varepsilon_i \sim \mathcal N(0, I)``, the
     antithetic estimate is
 
     .. math::
         \widehat{\nabla_\lambda L} = \frac1N \sum_{i=1}^N \varepsilon_i\,
             \frac{v^\top\big(W(\lambda + \sigma\varepsilon_i) - W(\lambda - \sigma\varepsilon_i)\big)}{2\sigma}
 
-    and with ``antithetic=False``, :math:`\frac1N \sum_i \varepsilon_i\, v^\top\big(W(\lambda + \sigma\varepsilon_i)
-    - W(\lambda)\big)/\sigma`, reusing the forward run as :math:`W(\lambda)`.
+    and with ``antithetic=False``, ``\frac1N \sum_i \varepsilon_i\, v^\top\big(W(\lambda + \sigma\varepsilon_i)
+    - W(\lambda)\big)/\sigma``, reusing the forward run as ``W(\lambda)``.
     Every re-run replays the data and the random numbers (dropout, sampling) of
     the original run; only the hyperparameters differ. A re-run that reads another
     batch for a step (``data=lambda t: next(it)``) or leaves torch's global generator
@@ -47,14 +47,14 @@ class ZerothOrder(AdjointMethod):
     non-differentiable operations: argmax pseudo-labels, rounding, thresholds,
     sampling of discrete choices. There the exact gradient is zero almost
     everywhere and the estimate is the gradient of the Gaussian-smoothed
-    :math:`v^\top W`, at the scale ``sigma``.
+    ``v^\top W``, at the scale ``sigma``.
 
     Bias and variance: the estimate is unbiased for the gradient of
-    :math:`v^\top\, \mathbb E_\varepsilon W(\lambda + \sigma\varepsilon)`, which differs
-    from the exact hypergradient by :math:`O(\sigma^2)` where :math:`W` is smooth. The
-    outer loss is linearized in :math:`W` (through :math:`v`). The variance of one
-    coordinate is about :math:`(\lVert\nabla\rVert^2 + \nabla_j^2)/N`, so the
-    relative error is about :math:`\sqrt{d/N}` for :math:`d` hyperparameter elements:
+    ``v^\top\, \mathbb E_\varepsilon W(\lambda + \sigma\varepsilon)``, which differs
+    from the exact hypergradient by ``O(\sigma^2)`` where ``W`` is smooth. The
+    outer loss is linearized in ``W`` (through ``v``). The variance of one
+    coordinate is about ``(\lVert\nabla\rVert^2 + \nabla_j^2)/N``, so the
+    relative error is about ``\sqrt{d/N}`` for ``d`` hyperparameter elements:
     use it for a few hyperparameters (scalars, small vectors), not per-example
     weights. ``antithetic=True`` cancels the even-order terms of each sample and
     usually has much less variance per training run.
@@ -72,12 +72,12 @@ class ZerothOrder(AdjointMethod):
     the same seed and the same sequence of calls give the same estimates.
 
     Args:
-        samples: number of random directions :math:`N`, an int >= 1.
-        sigma: perturbation scale :math:`\sigma` > 0, in the units of the
+        samples: number of random directions ``N``, an int >= 1.
+        sigma: perturbation scale ``\sigma`` > 0, in the units of the
             hyperparameters (shared by all of them: rescale hyperparameters of
             very different magnitudes). For non-differentiable training, choose
-            it larger than the gaps between the jumps of :math:`W(\lambda)`.
-        antithetic: use the central pair :math:`\lambda \pm \sigma\varepsilon_i`;
+            it larger than the gaps between the jumps of ``W(\lambda)``.
+        antithetic: use the central pair ``\lambda \pm \sigma\varepsilon_i``;
             ``False`` uses one-sided differences against the unperturbed run.
         seed: seed of the direction generator, or ``None``.
 
@@ -151,7 +151,7 @@ class ZerothOrder(AdjointMethod):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the direction generator saved by :meth:`state_dict` (the settings must match)."""
+        """Restore the direction generator saved by ``state_dict()`` (the settings must match)."""
         if not isinstance(state_dict, dict) or state_dict.get("method") != "ZerothOrder":
             got = state_dict.get("method", sorted(state_dict)) if isinstance(state_dict, dict) else state_dict
             raise ValueError(

@@ -4,7 +4,7 @@ Each optimizer has ``init(params) -> state`` and
 ``update(grads, state, params) -> (params, state)`` over ``dict[str, Tensor]``,
 takes ``torch.optim``'s argument names and defaults, and accepts any float
 hyperparameter as a Tensor that requires grad: one value, one per element of each
-parameter (Meta-SGD), a dict of parameter name -> value, or a :class:`Schedule` of
+parameter (Meta-SGD), a dict of parameter name -> value, or a ``Schedule`` of
 one value per step.
 """
 

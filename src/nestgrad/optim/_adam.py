@@ -12,14 +12,14 @@ from ._base import Hparam, Optimizer, Slots, _pair
 from ._ops import Ops, is_zero
 
 _EPS_ROOT_DOC = r"""eps_root: added to the second moment *inside* the square root,
-            :math:`\sqrt{\hat v + \epsilon_{root}} + \epsilon`. Where a gradient entry has
+            ``\sqrt{\hat v + \epsilon_{root}} + \epsilon``. Where a gradient entry has
             been exactly 0 at every step so far (an unused embedding row, a blank pixel),
-            :math:`\hat v = 0` and the derivative of :math:`\sqrt{\hat v}` is infinite, so
+            ``\hat v = 0`` and the derivative of ``\sqrt{\hat v}`` is infinite, so
             with ``eps_root=0`` meta-gradients through the optimizer are NaN. The default
-            1e-30 keeps them finite and exact while leaving every real :math:`\hat v`, and so
+            1e-30 keeps them finite and exact while leaving every real ``\hat v``, and so
             the trajectory, unchanged to float precision (the tests match ``torch.optim`` to
             1e-10 with it); ``eps_root=0`` is ``torch.optim``'s formula exactly. A large value
-            such as 1e-16 visibly biases meta-gradients where :math:`\hat v` is small. Same
+            such as 1e-16 visibly biases meta-gradients where ``\hat v`` is small. Same
             meaning as in optax."""
 
 
@@ -57,20 +57,20 @@ class Adam(Optimizer):
         \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
             \frac{m_t}{\sqrt{(v_t + \epsilon_{root})/(1-\beta_2^t)} + \epsilon}
 
-    With ``amsgrad=True``, :math:`v_t` in the denominator is replaced by its running
+    With ``amsgrad=True``, ``v_t`` in the denominator is replaced by its running
     maximum. With ``decoupled_weight_decay=True`` (AdamW), the weights are first
-    multiplied by :math:`1-\gamma\lambda`; otherwise :math:`\lambda\theta` is added to
+    multiplied by ``1-\gamma\lambda``; otherwise ``\lambda\theta`` is added to
     the gradient.
 
     Args:
-        lr: learning rate :math:`\gamma`.
-        betas: :math:`(\beta_1, \beta_2)`, each a float or a Tensor.
+        lr: learning rate ``\gamma``.
+        betas: ``(\beta_1, \beta_2)``, each a float or a Tensor.
         eps: term added to the denominator.
-        weight_decay: :math:`\lambda`.
+        weight_decay: ``\lambda``.
         amsgrad: use the AMSGrad variant.
         decoupled_weight_decay: AdamW-style weight decay.
         {eps_root}
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        maximize, groups, foreach: see ``Optimizer``.
 
     Example:
         >>> lr = torch.tensor(1e-3, requires_grad=True)
@@ -125,7 +125,7 @@ class AdamW(Adam):
     r"""Adam with decoupled weight decay (Loshchilov and Hutter, 2019).
 
     ``AdamW(...)`` is ``Adam(..., decoupled_weight_decay=True)`` with the default
-    ``weight_decay=1e-2``, as in ``torch.optim.AdamW``. See :class:`Adam`.
+    ``weight_decay=1e-2``, as in ``torch.optim.AdamW``. See ``Adam``.
     """
 
     def __init__(
@@ -157,8 +157,8 @@ class Adamax(Optimizer):
         \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
 
     Args:
-        lr, betas, eps, weight_decay: as in :class:`Adam`.
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        lr, betas, eps, weight_decay: as in ``Adam``.
+        maximize, groups, foreach: see ``Optimizer``.
 
     Matches ``torch.optim.Adamax``.
     """
@@ -204,12 +204,12 @@ class NAdam(Optimizer):
             \qquad d_t = \sqrt{\frac{v_t + \epsilon_{root}}{1-\beta_2^t}} + \epsilon
 
     Args:
-        lr, betas, eps, weight_decay, decoupled_weight_decay: as in :class:`Adam`.
-        momentum_decay: :math:`\psi`.
+        lr, betas, eps, weight_decay, decoupled_weight_decay: as in ``Adam``.
+        momentum_decay: ``\psi``.
         {eps_root}
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        maximize, groups, foreach: see ``Optimizer``.
 
-    Matches ``torch.optim.NAdam``. The running product :math:`\Pi_t` is the state
+    Matches ``torch.optim.NAdam``. The running product ``\Pi_t`` is the state
     slot ``"mu_product"``.
     """
 
@@ -272,14 +272,14 @@ class RAdam(Optimizer):
             1 & \text{otherwise}
         \end{cases}
 
-    where :math:`r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`.
+    where ``r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}``.
 
     Args:
-        lr, betas, eps, weight_decay, decoupled_weight_decay: as in :class:`Adam`.
+        lr, betas, eps, weight_decay, decoupled_weight_decay: as in ``Adam``.
         {eps_root}
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        maximize, groups, foreach: see ``Optimizer``.
 
-    Matches ``torch.optim.RAdam``. The branch on :math:`\rho_t` reads its value,
+    Matches ``torch.optim.RAdam``. The branch on ``\rho_t`` reads its value,
     which carries no gradient, so a Tensor ``beta2`` still receives one.
     """
 

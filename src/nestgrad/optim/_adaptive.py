@@ -32,17 +32,17 @@ class RMSprop(Optimizer):
         b_t = \mu b_{t-1} + g_t / d_t \ \ (b_t = g_t/d_t \text{ when } \mu = 0)
 
     Args:
-        lr: learning rate :math:`\gamma`.
-        alpha: smoothing constant :math:`\alpha`.
+        lr: learning rate ``\gamma``.
+        alpha: smoothing constant ``\alpha``.
         eps: term added to the denominator.
         weight_decay: L2 penalty.
-        momentum: momentum factor :math:`\mu`.
+        momentum: momentum factor ``\mu``.
         centered: normalise by the estimated variance instead of the second moment.
         {eps_root}
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        maximize, groups, foreach: see ``Optimizer``.
 
     Matches ``torch.optim.RMSprop`` step for step. Unlike ``torch.optim``, ``alpha`` must
-    be at most 1: above 1, :math:`1-\alpha < 0` can make :math:`v_t` negative and the
+    be at most 1: above 1, ``1-\alpha < 0`` can make ``v_t`` negative and the
     update NaN.
     """
 
@@ -103,13 +103,13 @@ class Adagrad(Optimizer):
             \frac{g_t}{\sqrt{s_t + \epsilon_{root}} + \epsilon}
 
     Args:
-        lr: learning rate :math:`\gamma`.
-        lr_decay: learning-rate decay :math:`\delta`.
+        lr: learning rate ``\gamma``.
+        lr_decay: learning-rate decay ``\delta``.
         weight_decay: L2 penalty.
-        initial_accumulator_value: starting value of :math:`s_0`.
+        initial_accumulator_value: starting value of ``s_0``.
         eps: term added to the denominator.
         {eps_root}
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        maximize, groups, foreach: see ``Optimizer``.
 
     Matches ``torch.optim.Adagrad`` step for step (dense gradients).
     """
@@ -160,11 +160,11 @@ class Adadelta(Optimizer):
         \theta_t = \theta_{t-1} - \gamma \Delta_t
 
     Args:
-        lr: coefficient :math:`\gamma` that scales :math:`\Delta_t`.
-        rho: decay :math:`\rho` of the running averages.
+        lr: coefficient ``\gamma`` that scales ``\Delta_t``.
+        rho: decay ``\rho`` of the running averages.
         eps: term added inside both square roots (so meta-gradients stay finite).
         weight_decay: L2 penalty.
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        maximize, groups, foreach: see ``Optimizer``.
 
     Matches ``torch.optim.Adadelta``.
     """
@@ -202,9 +202,9 @@ class Adadelta(Optimizer):
 class Rprop(Optimizer):
     r"""Resilient backpropagation (Riedmiller and Braun, 1993).
 
-    Each coordinate keeps its own step size :math:`s`, which grows by
-    :math:`\eta_+` while the gradient keeps its sign and shrinks by
-    :math:`\eta_-` when it flips (and that coordinate then skips one update):
+    Each coordinate keeps its own step size ``s``, which grows by
+    ``\eta_+`` while the gradient keeps its sign and shrinks by
+    ``\eta_-`` when it flips (and that coordinate then skips one update):
 
     .. math::
         s_t &= \operatorname{clip}(s_{t-1} \cdot
@@ -212,10 +212,10 @@ class Rprop(Optimizer):
         \theta_t &= \theta_{t-1} - \operatorname{sign}(g_t)\, s_t
 
     Args:
-        lr: initial step size :math:`s_0`.
-        etas: :math:`(\eta_-, \eta_+)`.
-        step_sizes: :math:`(s_{\min}, s_{\max})`.
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        lr: initial step size ``s_0``.
+        etas: ``(\eta_-, \eta_+)``.
+        step_sizes: ``(s_{\min}, s_{\max})``.
+        maximize, groups, foreach: see ``Optimizer``.
 
     Matches ``torch.optim.Rprop``. Gradients reach ``lr``, ``etas`` and
     ``step_sizes`` through the step sizes; the sign of the gradient has none.

@@ -26,13 +26,13 @@ from ._schedule import Schedule
 
 Hparam = float | Tensor
 """A hyperparameter: a float; a Tensor with one value, or one per element of each parameter it
-applies to (broadcastable to its shape); a dict of parameter name -> value; or a :class:`Schedule`."""
+applies to (broadcastable to its shape); a dict of parameter name -> value; or a ``Schedule``."""
 Params = dict[str, Tensor]
 Slots = dict[str, list[Tensor]]
 
 
 class OptState(NamedTuple):
-    """State of any :mod:`nestgrad.optim` optimizer.
+    """State of any ``nestgrad.optim`` optimizer.
 
     Attributes:
         step: number of updates applied so far, per parameter name.
@@ -49,7 +49,7 @@ class OptState(NamedTuple):
         return [t for values in self.slots.values() for t in values.values()]
 
     def with_tensors(self, tensors: Sequence[Tensor]) -> OptState:
-        """The same state with its slot tensors replaced, in the order of :meth:`tensors`."""
+        """The same state with its slot tensors replaced, in the order of ``tensors()``."""
         supply = iter(tensors)
         slots = {slot: {n: next(supply) for n in values} for slot, values in self.slots.items()}
         return OptState(dict(self.step), slots)
@@ -223,9 +223,9 @@ class Optimizer(abc.ABC):
       * a dict of parameter name -> value (float or Tensor), which must name every parameter
         it applies to, and no other (``init`` raises otherwise: a misspelt name never falls
         back silently to a default);
-      * a :class:`~nestgrad.optim.Schedule`: one value per step, or a function of the step.
+      * a ``Schedule``: one value per step, or a function of the step.
     Shapes and names are checked once, in ``init``; values (elementwise) at construction and
-    in ``init``, never per step. :meth:`tensors` lists every Tensor among them, so every
+    in ``init``, never per step. ``tensors()`` lists every Tensor among them, so every
     hypergradient method differentiates with respect to each.
 
     Args common to all optimizers:
@@ -304,7 +304,7 @@ class Optimizer(abc.ABC):
     _init_only: ClassVar[tuple[str, ...]] = ()
 
     def _check(self, hp: Mapping[str, Any], prefix: str) -> None:
-        """Check types, and the values of floats; :meth:`_check_tensor_values` does Tensors."""
+        """Check types, and the values of floats; ``_check_tensor_values()`` does Tensors."""
         cls = type(self).__name__
         for k, v in hp.items():
             if k in _FLAGS:
@@ -370,8 +370,8 @@ class Optimizer(abc.ABC):
     def _check_tensor_values(self, where: str) -> None:
         """Check the values of every Tensor hyperparameter, elementwise, with one host sync per device.
 
-        Runs at construction and in :meth:`init` (once per training run: a meta-learned
-        value may have left its range since), never in :meth:`update`.
+        Runs at construction and in ``init()`` (once per training run: a meta-learned
+        value may have left its range since), never in ``update()``.
         """
         items: list[tuple[str, str, Tensor, _Range]] = []
         for prefix, hp in [("", self.defaults), *((f"groups[{i}].", g) for i, g in enumerate(self.groups))]:
@@ -429,12 +429,12 @@ class Optimizer(abc.ABC):
         """Every hyperparameter given as a Tensor, across all groups, in a fixed order.
 
         This includes the values of a dict of per-parameter values and of a
-        :class:`Schedule`; :meth:`tensor_names` names them in the same order.
+        ``Schedule``; ``tensor_names()`` names them in the same order.
         """
         return [t for _, t in self._named_tensors()]
 
     def tensor_names(self) -> list[str]:
-        """Names of :meth:`tensors`, in the same order: ``lr``, ``betas[0]``, ``groups[1].lr``,
+        """Names of ``tensors()``, in the same order: ``lr``, ``betas[0]``, ``groups[1].lr``,
         ``lr['fc.weight']``, ``lr (schedule)``."""
         return [n for n, _ in self._named_tensors()]
 
@@ -450,7 +450,7 @@ class Optimizer(abc.ABC):
         return out
 
     def with_tensors(self, tensors: Sequence[Tensor]) -> Optimizer:
-        """A copy whose Tensor hyperparameters are replaced, in the order of :meth:`tensors`.
+        """A copy whose Tensor hyperparameters are replaced, in the order of ``tensors()``.
 
         Hypergradient methods use it to re-run steps with fresh leaves in place of the
         user's tensors.
@@ -517,7 +517,7 @@ class Optimizer(abc.ABC):
 
     def _check_shapes(self, params: Mapping[str, Tensor]) -> None:
         """Per-parameter dicts name every parameter they apply to (and no other); per-element
-        values broadcast to their parameters. Runs once, in :meth:`init`."""
+        values broadcast to their parameters. Runs once, in ``init()``."""
         cls = type(self).__name__
         served: dict[int, tuple[str, Mapping[str, Any], set[str]]] = {}
         for name, p in params.items():
@@ -717,7 +717,7 @@ class Optimizer(abc.ABC):
 
         ``torch.save`` writes it and ``torch.load(path, weights_only=True)`` reads it back. Tensor
         hyperparameters (per-element ones, dict values and schedule values included) are saved
-        detached. A :class:`Schedule` of a function cannot be saved (it raises).
+        detached. A ``Schedule`` of a function cannot be saved (it raises).
 
         Example:
             >>> torch.save({"opt": opt.state_dict(), "state": state.state_dict()}, "ckpt.pt")
@@ -753,7 +753,7 @@ class Optimizer(abc.ABC):
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load hyperparameters saved by :meth:`state_dict` into this optimizer, in place.
+        """Load hyperparameters saved by ``state_dict()`` into this optimizer, in place.
 
         As ``torch.nn.Module.load_state_dict`` does for parameters, Tensor hyperparameters are
         copied into this optimizer's own Tensors (so an outer optimizer that holds them keeps

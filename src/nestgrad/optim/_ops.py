@@ -1,8 +1,8 @@
 """Out-of-place list arithmetic with two interchangeable back ends.
 
-Every optimizer rule in :mod:`nestgrad.optim` is written once against this
-small vocabulary of list operations. :class:`Foreach` runs each operation as a
-single ``torch._foreach_*`` call over the whole list; :class:`PerTensor` runs a
+Every optimizer rule in ``nestgrad.optim`` is written once against this
+small vocabulary of list operations. ``Foreach`` runs each operation as a
+single ``torch._foreach_*`` call over the whole list; ``PerTensor`` runs a
 Python loop of ordinary tensor operations. Both have the same signatures and
 give the same numbers, and neither mutates its inputs, so both are
 differentiable.
@@ -95,7 +95,7 @@ class Foreach:
 
 
 class PerTensor:
-    """The same list ops as :class:`Foreach`, one tensor at a time."""
+    """The same list ops as ``Foreach``, one tensor at a time."""
 
     @staticmethod
     def add(xs: Tensors, ys: Tensors, alpha: Scalar = 1) -> Tensors:

@@ -15,9 +15,9 @@ class Schedule:
     uses ``values[t - 1]``, or ``fn(t)``.
 
     A Tensor of values is a learnable schedule (Maclaurin et al., 2015): every
-    hypergradient method (:class:`~nestgrad.Unroll`, :class:`~nestgrad.Reverse`,
-    :class:`~nestgrad.Forward`, ...) differentiates with respect to each entry,
-    because the optimizer's :meth:`~nestgrad.optim.Optimizer.tensors` lists it.
+    hypergradient method (``Unroll``, ``Reverse``,
+    ``Forward``, ...) differentiates with respect to each entry,
+    because the optimizer's ``tensors()`` lists it.
     ``values`` may also have shape ``(steps, *shape)`` with ``shape`` broadcastable
     to the parameters: one per-element value per step. A schedule with fewer
     values than the run has steps raises at the first step it has no value for.

@@ -21,18 +21,18 @@ class SGD(Optimizer):
         \theta_t &= \theta_{t-1} - \gamma\,(g_t + \mu\, b_t \text{ if nesterov else } b_t)
 
     Args:
-        lr: learning rate :math:`\gamma`.
-        momentum: momentum factor :math:`\mu` (0 disables momentum and its buffer).
-        dampening: dampening :math:`\tau` for momentum.
-        weight_decay: L2 penalty :math:`\lambda`.
+        lr: learning rate ``\gamma``.
+        momentum: momentum factor ``\mu`` (0 disables momentum and its buffer).
+        dampening: dampening ``\tau`` for momentum.
+        weight_decay: L2 penalty ``\lambda``.
         nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         maximize: ascend instead of descend.
-        unfused_add: compute each scaled sum :math:`x + a\,y` as a product then a sum (two
+        unfused_add: compute each scaled sum ``x + a\,y`` as a product then a sum (two
             roundings), as hand-written updates such as ``p - lr * g`` and the ``higher``
             library do, instead of ``torch.add(x, y, alpha=a)``, which ``torch.optim.SGD``
             uses and which CPUs with FMA round once. The math is the same; the results differ
             in the last bit, which only matters for bit-for-bit comparisons with such code.
-        groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        groups, foreach: see ``Optimizer``.
 
     Example:
         >>> opt = SGD(lr=torch.tensor(0.1, requires_grad=True), momentum=0.9)
@@ -104,15 +104,15 @@ class ASGD(Optimizer):
         \bar\theta_t &= \bar\theta_{t-1} + \mu_t\,(\theta_t - \bar\theta_{t-1}),
             \quad \mu_t = 1/\max(1, t - 1 - t_0)
 
-    The average :math:`\bar\theta` is kept in the state slot ``"ax"``.
+    The average ``\bar\theta`` is kept in the state slot ``"ax"``.
 
     Args:
-        lr: learning rate :math:`\gamma`.
-        lambd: decay term :math:`\lambda_d`.
-        alpha: power :math:`\alpha` for the step-size schedule.
+        lr: learning rate ``\gamma``.
+        lambd: decay term ``\lambda_d``.
+        alpha: power ``\alpha`` for the step-size schedule.
         t0: step at which averaging starts.
         weight_decay: L2 penalty.
-        maximize, groups, foreach: see :class:`~nestgrad.optim.Optimizer`.
+        maximize, groups, foreach: see ``Optimizer``.
 
     Matches ``torch.optim.ASGD``, whose ``eta`` and ``mu`` state are recomputed here
     from the step count rather than stored. ``t0`` is a step count: one value, never
