@@ -228,6 +228,10 @@ def run_misuse(world: int, rank: int) -> dict[str, str]:
         "seed": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1))),
         "forward_mode": _error(lambda: train(method=ng.Forward(mode="forward"))),
     }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(data=[(x[: len(x) - rank], y[: len(y) - rank])])  # uneven shards with reduce="mean"
+    out["uneven"] = " | ".join(str(w.message) for w in caught) or "no warning"
     # After the errors the ranks are still in step: a good call works.
     out["after"] = _error(lambda: train())
 

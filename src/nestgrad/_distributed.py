@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -453,6 +454,24 @@ def _empty_shard(data: Any) -> str | None:
     return None
 
 
+def _batch_rows(data: Any) -> int | None:
+    """The leading size of the first Tensor of the first batch, when it can be seen without reading an iterator."""
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and len(data):
+        for leaf in pytree.tree_leaves(data[0]):
+            if isinstance(leaf, Tensor) and leaf.ndim:
+                return int(leaf.shape[0])
+    return None
+
+
+_UNEVEN = (
+    "nestgrad.DataParallel(reduce='mean'): the ranks' first batches have different numbers of rows ({rows}). "
+    "'mean' averages the ranks' gradients, which equals one process's gradient on the whole batch only when every "
+    "rank's loss averages the same number of examples; with these shards the result is a differently weighted "
+    "mean. Use reduce='sum' and normalize each rank's loss by the global number of examples, or split the data "
+    "evenly. (If the first dimension is not the examples', e.g. sequence-first tensors, this warning is moot.)"
+)
+
+
 def _method_key(method: Any) -> str:
     """The method and its settings; for ZerothOrder also the state of its direction generator."""
     fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.repr}
@@ -546,6 +565,7 @@ def enter(
         "shape": shape,
         "values": _fingerprint(replicas),
         "sizes": [leaves[i].shape[0] for i in sharded],
+        "rows": _batch_rows(data),
         "problem": problem,
     }
     everyone: list[Any] = [None] * sync.world
@@ -559,6 +579,10 @@ def enter(
         if any(v != values[0] for v in values):
             shown = ", ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
             raise ValueError(_DISAGREE.format(what=key, values=shown))
+    rows = [o["rows"] for o in everyone]
+    if parallel.reduce == "mean" and None not in rows and len(set(rows)) > 1:
+        shown = ", ".join(f"rank {r}: {n}" for r, n in enumerate(rows))
+        warnings.warn(_UNEVEN.format(rows=shown), UserWarning, stacklevel=3)
     differ = [r for r, o in enumerate(everyone) if o["values"] != everyone[0]["values"]]
     if differ:
         names = [f"params[{k!r}]" for k in trainable] + [f"hparams leaf {i}" for i in replicated_leaves]
