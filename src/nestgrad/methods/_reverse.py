@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from .._data import Batches, ReplayError
 from .._rng import RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
@@ -223,7 +224,12 @@ def _vjp(
                 outs.append(v)
                 cots.append(g)
         inputs = [*p.values(), *(x for x in s.tensors() if x.requires_grad), *hparams]
-        got = torch.autograd.grad(outs, inputs, cots, allow_unused=True) if outs else [None] * len(inputs)
+        # The recomputed weights and state are only where the pull-back starts: hand autograd their
+        # graph edges and let the tensors go, so that they are not held while the gradients are made
+        # (one copy of the weights less at the peak). The graph keeps any output it saved itself.
+        roots: list[Any] = [v if v.grad_fn is None else get_gradient_edge(v) for v in outs]
+        del outs, new_p, new_s
+        got = torch.autograd.grad(roots, inputs, cots, allow_unused=True) if roots else [None] * len(inputs)
     n = len(p)
     new_grad_p = dict(zip(p, got[:n], strict=True))
     it = iter(got[n : len(inputs) - len(hparams)])
