@@ -113,6 +113,7 @@ class Reverse(AdjointMethod):
                 p, s, rng = states.pop(t)
                 grad_p, grad_s, step_hp, loss, end = _vjp(live, t, rng, p, s, grad_p, grad_s, wanted)
                 _accumulate(grad_hp, step_hp, owned)
+                del step_hp  # this step's terms: summed into grad_hp, not held through the next step
                 if t == stop - 1:  # the whole segment has been replayed: first its RNG, then its losses
                     where = f"step {t}" if start == t else f"steps {start}-{t}"
                     if trajectory.rngs.check_end(segment, first, end, where, "Reverse"):
