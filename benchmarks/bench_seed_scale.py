@@ -16,6 +16,8 @@ Variants (methods of level 1 / level 2):
 
 Each variant runs in a fresh subprocess; the table gives its wall time and the rise of the peak
 RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS after the models were built. The
+subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` (``--system-malloc`` to turn it off), so
+that freed memory goes back to the system and the RSS follows the tensors. The
 hypergradients are checked against each other first (at T=2, in the main process).
 
 Sizes: ``--hidden 384 --layers 6`` (default) is 49M parameters per model; ``--hidden 768
@@ -128,7 +130,15 @@ def run_hand_written(s: Seed, steps: int) -> Tensor:
 
 def _hand_written(s: Seed, steps: int) -> Tensor:
     def call(m: nn.Module, w: Params, **kwargs: Any) -> Any:
-        return torch.func.functional_call(m, w, (), kwargs, tie_weights=False)
+        # A tied weight (the decoder's word embeddings and its LM head) is one entry of
+        # named_parameters(); functional_call must get it under every name that holds it, or the
+        # other slot silently keeps the module's own weight (and tie_weights=True would leave the
+        # module holding the fast one, pytorch#164759).
+        first = {}
+        for name, p in m.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), name)
+        full = {n: w[first[id(p)]] for n, p in m.named_parameters(remove_duplicate=False) if first[id(p)] in w}
+        return torch.func.functional_call(m, full, (), kwargs, tie_weights=False)
 
     def sgd(w: Params, loss: Tensor) -> Params:
         grads = torch.autograd.grad(loss, list(w.values()), create_graph=True, allow_unused=True)
@@ -164,10 +174,13 @@ def measure_one(name: str, steps: int, hidden: int, layers: int) -> dict[str, An
     return {"peak_gib": (peak - before) / 2**20, "seconds": seconds, "hwm_reset": reset, "grad": grad.tolist()}
 
 
-def measure(name: str, steps: int, hidden: int, layers: int) -> dict[str, Any]:
+def measure(name: str, steps: int, hidden: int, layers: int, malloc: bool = True) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(steps),
            "--hidden", str(hidden), "--layers", str(layers)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # A fixed mmap threshold makes glibc return freed blocks at once, so that the peak RSS follows the
+    # tensors instead of what the allocator kept from earlier steps (which varied by 0.2-0.8 GiB per run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if malloc else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -179,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--steps", default="2,4", help="comma-separated T values")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default (dynamic) mmap threshold")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     args = p.parse_args(argv)
     if args.one:
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| T | variant | wall s | peak RSS rise (GiB) | vs unroll | dL3/dA |")
     print("|--:|---|--:|--:|--:|---|")
     for steps in [int(t) for t in args.steps.split(",")]:
-        results = {name: measure(name, steps, args.hidden, args.layers) for name in names}
+        results = {name: measure(name, steps, args.hidden, args.layers, not args.system_malloc) for name in names}
         base = results.get("unroll", {}).get("peak_gib")
         for name, r in results.items():
             if "error" in r:
