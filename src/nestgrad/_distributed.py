@@ -98,9 +98,10 @@ class DataParallel:
     data and the same initial ``params``, optimizer and replicated ``hparams``. At every step,
     the gradient each rank computes on its shard is all-reduced before the optimizer update:
 
-    .. math::
-        g_t = \frac1R \sum_{r=1}^{R} \nabla_W L_r(W_t, \lambda) \quad (\text{``reduce="mean"``}),
-        \qquad g_t = \sum_r \nabla_W L_r(W_t, \lambda) \quad (\text{``reduce="sum"``})
+    ```text
+    g_t = \frac1R \sum_{r=1}^{R} \nabla_W L_r(W_t, \lambda) \quad (\text{``reduce="mean"``}),
+    \qquad g_t = \sum_r \nabla_W L_r(W_t, \lambda) \quad (\text{``reduce="sum"``})
+    ```
 
     so every rank holds the same weights, bit for bit. Use ``"mean"`` when each rank's loss is
     the mean over its shard and the shards have equal sizes (then ``g_t`` is the gradient of

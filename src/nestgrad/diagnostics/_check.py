@@ -350,8 +350,9 @@ def check(
     With ``g = \nabla f(h)`` from autograd and random unit directions
     ``v_i`` (over all leaves of ``hparams`` together), compare
 
-    .. math::
-        g \cdot v_i \quad\text{with}\quad \frac{f(h + t_i v_i) - f(h - t_i v_i)}{2 t_i}
+    ```text
+    g \cdot v_i \quad\text{with}\quad \frac{f(h + t_i v_i) - f(h - t_i v_i)}{2 t_i}
+    ```
 
     and pass when every value is finite and every error
     ``|g\cdot v_i - \mathrm{fd}_i| / \max(\lVert g\rVert, |\mathrm{fd}_i|)``

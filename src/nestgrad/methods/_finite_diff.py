@@ -29,11 +29,12 @@ class FiniteDiff(AdjointMethod):
     ``U = w - \xi g``, and given ``v = \partial L / \partial W_T``
     (Liu et al., 2019, eq. 7-8):
 
-    .. math::
-        v^\top \frac{d W_T}{d\lambda} = -\xi\, \nabla^2_{\lambda, w} L_{\text{train}}(w, \lambda)\, v
-        \approx -\xi\, \frac{\nabla_\lambda L_{\text{train}}(w^+, \lambda)
-                              - \nabla_\lambda L_{\text{train}}(w^-, \lambda)}{2\epsilon},
-        \qquad w^\pm = w \pm \epsilon v,\quad \epsilon = \frac{\text{eps}}{\lVert v\rVert}.
+    ```text
+    v^\top \frac{d W_T}{d\lambda} = -\xi\, \nabla^2_{\lambda, w} L_{\text{train}}(w, \lambda)\, v
+    \approx -\xi\, \frac{\nabla_\lambda L_{\text{train}}(w^+, \lambda)
+                          - \nabla_\lambda L_{\text{train}}(w^-, \lambda)}{2\epsilon},
+    \qquad w^\pm = w \pm \epsilon v,\quad \epsilon = \frac{\text{eps}}{\lVert v\rVert}.
+    ```
 
     Any other ``nestgrad.optim`` optimizer is handled by the same formula with
     ``-\xi v`` replaced by ``u = (\partial U / \partial g)^\top v``, the exact

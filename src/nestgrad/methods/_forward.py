@@ -100,11 +100,12 @@ class Forward(AdjointMethod):
     optimizer, the tangents ``Z_t = dW_t/d\lambda`` and ``Y_t = dS_t/d\lambda``
     (one row per element of ``\lambda``) follow
 
-    .. math::
-        Z_{t+1} &= \partial_W \Phi_t\, Z_t + \partial_S \Phi_t\, Y_t + \partial_\lambda \Phi_t \\
-        Y_{t+1} &= \text{the same with the state outputs of } \Phi_t \\
-        Z_0 &= 0, \quad Y_0 = dS_0/d\lambda \\
-        \frac{dL}{d\lambda} &= Z_T^\top\, \nabla_{W_T} L
+    ```text
+    Z_{t+1} &= \partial_W \Phi_t\, Z_t + \partial_S \Phi_t\, Y_t + \partial_\lambda \Phi_t \\
+    Y_{t+1} &= \text{the same with the state outputs of } \Phi_t \\
+    Z_0 &= 0, \quad Y_0 = dS_0/d\lambda \\
+    \frac{dL}{d\lambda} &= Z_T^\top\, \nabla_{W_T} L
+    ```
 
     where ``S_0`` is the optimizer's initial state, which may itself depend on a
     hyperparameter (``Adagrad(initial_accumulator_value=...)``, ``Rprop(lr=...)``).

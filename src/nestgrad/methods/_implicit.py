@@ -66,16 +66,18 @@ class Implicit(AdjointMethod):
     batch. Solve ``H x = v`` with ``H = \nabla^2_W L(W^*, \lambda)`` using
     Hessian-vector products, then
 
-    .. math::
-        \frac{d\mathcal{L}}{d\lambda} = -\nabla_\lambda \big(x^\top \nabla_W L(W^*, \lambda)\big).
+    ```text
+    \frac{d\mathcal{L}}{d\lambda} = -\nabla_\lambda \big(x^\top \nabla_W L(W^*, \lambda)\big).
+    ```
 
     *Fixed-point condition* (``solver`` = ``FixedPoint``):
     ``(W^*, S^*) = \Phi(W^*, S^*, \lambda)``, where ``\Phi`` is one step of the
     optimizer itself (weights and state ``S``, e.g. momentum buffers). Solve
     ``x = (v, 0) + (\partial\Phi/\partial(W, S))^\top x`` by fixed-point iteration, then
 
-    .. math::
-        \frac{d\mathcal{L}}{d\lambda} = \Big(\frac{\partial\Phi}{\partial\lambda}\Big)^\top x.
+    ```text
+    \frac{d\mathcal{L}}{d\lambda} = \Big(\frac{\partial\Phi}{\partial\lambda}\Big)^\top x.
+    ```
 
     This is right for any fixed point the optimizer converges to, also one that is not a
     zero of ``\nabla_W L`` (weight decay inside the optimizer, AdamW).

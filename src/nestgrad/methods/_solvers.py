@@ -156,10 +156,11 @@ def explain(solver: LinearSolver, solution: Solution) -> str:
 class CG(LinearSolver):
     r"""Conjugate gradients for a symmetric positive definite ``A``.
 
-    .. math::
-        \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k},\quad
-        x_{k+1} = x_k + \alpha_k p_k,\quad r_{k+1} = r_k - \alpha_k A p_k,\quad
-        p_{k+1} = r_{k+1} + \frac{r_{k+1}^\top r_{k+1}}{r_k^\top r_k}\, p_k
+    ```text
+    \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k},\quad
+    x_{k+1} = x_k + \alpha_k p_k,\quad r_{k+1} = r_k - \alpha_k A p_k,\quad
+    p_{k+1} = r_{k+1} + \frac{r_{k+1}^\top r_{k+1}}{r_k^\top r_k}\, p_k
+    ```
 
     Stops when ``\|r_k\| \le \mathrm{tol}\,\|b\|``, which takes at most about
     ``\tfrac12\sqrt{\kappa}\,\ln(2/\mathrm{tol})`` iterations for condition number
@@ -250,8 +251,9 @@ class CG(LinearSolver):
 class Neumann(LinearSolver):
     r"""A truncated Neumann series: ``steps`` terms of ``A^{-1} = \alpha\sum_k (I - \alpha A)^k``.
 
-    .. math::
-        x = \alpha \sum_{k=0}^{\mathrm{steps}-1} (I - \alpha A)^k\, b
+    ```text
+    x = \alpha \sum_{k=0}^{\mathrm{steps}-1} (I - \alpha A)^k\, b
+    ```
 
     computed as the Richardson iteration ``x_{k+1} = x_k + \alpha r_k``,
     ``r_{k+1} = r_k - \alpha A r_k`` (one ``matvec`` per term), whose residual
@@ -307,8 +309,9 @@ class Neumann(LinearSolver):
 class FixedPoint(LinearSolver):
     r"""Fixed-point (Richardson) iteration, stopped on tolerance.
 
-    .. math::
-        x_{k+1} = x_k + (b - A x_k)
+    ```text
+    x_{k+1} = x_k + (b - A x_k)
+    ```
 
     For ``A = I - M`` this is ``x_{k+1} = b + M x_k``, the fixed-point iteration
     of ``x = b + M x``, which converges when the spectral radius of ``M`` is below 1,

@@ -31,9 +31,10 @@ class ZerothOrder(AdjointMethod):
     at the unperturbed run. With ``\varepsilon_i \sim \mathcal N(0, I)``, the
     antithetic estimate is
 
-    .. math::
-        \widehat{\nabla_\lambda L} = \frac1N \sum_{i=1}^N \varepsilon_i\,
-            \frac{v^\top\big(W(\lambda + \sigma\varepsilon_i) - W(\lambda - \sigma\varepsilon_i)\big)}{2\sigma}
+    ```text
+    \widehat{\nabla_\lambda L} = \frac1N \sum_{i=1}^N \varepsilon_i\,
+        \frac{v^\top\big(W(\lambda + \sigma\varepsilon_i) - W(\lambda - \sigma\varepsilon_i)\big)}{2\sigma}
+    ```
 
     and with ``antithetic=False``, ``\frac1N \sum_i \varepsilon_i\, v^\top\big(W(\lambda + \sigma\varepsilon_i)
     - W(\lambda)\big)/\sigma``, reusing the forward run as ``W(\lambda)``.

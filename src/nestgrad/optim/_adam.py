@@ -51,11 +51,12 @@ def _moments(
 class Adam(Optimizer):
     r"""Adam (Kingma and Ba, 2015), with optional AMSGrad and decoupled weight decay.
 
-    .. math::
-        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
-        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
-            \frac{m_t}{\sqrt{(v_t + \epsilon_{root})/(1-\beta_2^t)} + \epsilon}
+    ```text
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+        \frac{m_t}{\sqrt{(v_t + \epsilon_{root})/(1-\beta_2^t)} + \epsilon}
+    ```
 
     With ``amsgrad=True``, ``v_t`` in the denominator is replaced by its running
     maximum. With ``decoupled_weight_decay=True`` (AdamW), the weights are first
@@ -151,10 +152,11 @@ class AdamW(Adam):
 class Adamax(Optimizer):
     r"""Adamax, the infinity-norm variant of Adam (Kingma and Ba, 2015).
 
-    .. math::
-        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
-        u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon) \\
-        \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
+    ```text
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+    u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon) \\
+    \theta_t &= \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
+    ```
 
     Args:
         lr, betas, eps, weight_decay: as in ``Adam``.
@@ -195,13 +197,14 @@ class Adamax(Optimizer):
 class NAdam(Optimizer):
     r"""Adam with Nesterov momentum (Dozat, 2016), with momentum decay.
 
-    .. math::
-        \mu_t &= \beta_1\,(1 - \tfrac12\, 0.96^{t\,\psi}), \qquad
-        \Pi_t = \textstyle\prod_{i \le t} \mu_i \\
-        \theta_t &= \theta_{t-1}
-            - \gamma\,\frac{1-\mu_t}{1-\Pi_t}\,\frac{g_t}{d_t}
-            - \gamma\,\frac{\mu_{t+1}}{1-\Pi_{t+1}}\,\frac{m_t}{d_t},
-            \qquad d_t = \sqrt{\frac{v_t + \epsilon_{root}}{1-\beta_2^t}} + \epsilon
+    ```text
+    \mu_t &= \beta_1\,(1 - \tfrac12\, 0.96^{t\,\psi}), \qquad
+    \Pi_t = \textstyle\prod_{i \le t} \mu_i \\
+    \theta_t &= \theta_{t-1}
+        - \gamma\,\frac{1-\mu_t}{1-\Pi_t}\,\frac{g_t}{d_t}
+        - \gamma\,\frac{\mu_{t+1}}{1-\Pi_{t+1}}\,\frac{m_t}{d_t},
+        \qquad d_t = \sqrt{\frac{v_t + \epsilon_{root}}{1-\beta_2^t}} + \epsilon
+    ```
 
     Args:
         lr, betas, eps, weight_decay, decoupled_weight_decay: as in ``Adam``.
@@ -263,14 +266,15 @@ class NAdam(Optimizer):
 class RAdam(Optimizer):
     r"""Rectified Adam (Liu et al., 2020).
 
-    .. math::
-        \rho_\infty &= \frac{2}{1-\beta_2} - 1, \qquad
-        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1-\beta_2^t} \\
-        \theta_t &= \theta_{t-1} - \gamma\,\frac{m_t}{1-\beta_1^t}\cdot
-        \begin{cases}
-            r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t + \epsilon_{root}} + \epsilon) & \rho_t > 5 \\
-            1 & \text{otherwise}
-        \end{cases}
+    ```text
+    \rho_\infty &= \frac{2}{1-\beta_2} - 1, \qquad
+    \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1-\beta_2^t} \\
+    \theta_t &= \theta_{t-1} - \gamma\,\frac{m_t}{1-\beta_1^t}\cdot
+    \begin{cases}
+        r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t + \epsilon_{root}} + \epsilon) & \rho_t > 5 \\
+        1 & \text{otherwise}
+    \end{cases}
+    ```
 
     where ``r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}``.
 

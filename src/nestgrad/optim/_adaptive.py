@@ -24,12 +24,13 @@ def _prepare(ops: Ops, ps: list[Tensor], gs: list[Tensor], hp: dict[str, Any]) -
 class RMSprop(Optimizer):
     r"""RMSprop (Hinton, 2012), optionally centered and with momentum.
 
-    .. math::
-        v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2, \qquad
-        \bar g_t = \alpha \bar g_{t-1} + (1-\alpha) g_t \ \text{(centered)} \\
-        d_t &= \sqrt{v_t - \bar g_t^2 + \epsilon_{root}} + \epsilon \\
-        \theta_t &= \theta_{t-1} - \gamma\, b_t, \qquad
-        b_t = \mu b_{t-1} + g_t / d_t \ \ (b_t = g_t/d_t \text{ when } \mu = 0)
+    ```text
+    v_t &= \alpha v_{t-1} + (1-\alpha) g_t^2, \qquad
+    \bar g_t = \alpha \bar g_{t-1} + (1-\alpha) g_t \ \text{(centered)} \\
+    d_t &= \sqrt{v_t - \bar g_t^2 + \epsilon_{root}} + \epsilon \\
+    \theta_t &= \theta_{t-1} - \gamma\, b_t, \qquad
+    b_t = \mu b_{t-1} + g_t / d_t \ \ (b_t = g_t/d_t \text{ when } \mu = 0)
+    ```
 
     Args:
         lr: learning rate ``\gamma``.
@@ -97,10 +98,11 @@ class RMSprop(Optimizer):
 class Adagrad(Optimizer):
     r"""Adagrad (Duchi et al., 2011).
 
-    .. math::
-        s_t &= s_{t-1} + g_t^2, \qquad
-        \theta_t = \theta_{t-1} - \frac{\gamma}{1 + (t-1)\,\delta}\,
-            \frac{g_t}{\sqrt{s_t + \epsilon_{root}} + \epsilon}
+    ```text
+    s_t &= s_{t-1} + g_t^2, \qquad
+    \theta_t = \theta_{t-1} - \frac{\gamma}{1 + (t-1)\,\delta}\,
+        \frac{g_t}{\sqrt{s_t + \epsilon_{root}} + \epsilon}
+    ```
 
     Args:
         lr: learning rate ``\gamma``.
@@ -153,11 +155,12 @@ class Adagrad(Optimizer):
 class Adadelta(Optimizer):
     r"""Adadelta (Zeiler, 2012).
 
-    .. math::
-        v_t &= \rho v_{t-1} + (1-\rho) g_t^2, \qquad
-        \Delta_t = \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t \\
-        u_t &= \rho u_{t-1} + (1-\rho) \Delta_t^2, \qquad
-        \theta_t = \theta_{t-1} - \gamma \Delta_t
+    ```text
+    v_t &= \rho v_{t-1} + (1-\rho) g_t^2, \qquad
+    \Delta_t = \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}}\, g_t \\
+    u_t &= \rho u_{t-1} + (1-\rho) \Delta_t^2, \qquad
+    \theta_t = \theta_{t-1} - \gamma \Delta_t
+    ```
 
     Args:
         lr: coefficient ``\gamma`` that scales ``\Delta_t``.
@@ -206,10 +209,11 @@ class Rprop(Optimizer):
     ``\eta_+`` while the gradient keeps its sign and shrinks by
     ``\eta_-`` when it flips (and that coordinate then skips one update):
 
-    .. math::
-        s_t &= \operatorname{clip}(s_{t-1} \cdot
-            \eta(\operatorname{sign}(g_t\, g_{t-1})), s_{\min}, s_{\max}) \\
-        \theta_t &= \theta_{t-1} - \operatorname{sign}(g_t)\, s_t
+    ```text
+    s_t &= \operatorname{clip}(s_{t-1} \cdot
+        \eta(\operatorname{sign}(g_t\, g_{t-1})), s_{\min}, s_{\max}) \\
+    \theta_t &= \theta_{t-1} - \operatorname{sign}(g_t)\, s_t
+    ```
 
     Args:
         lr: initial step size ``s_0``.

@@ -15,10 +15,11 @@ from ._ops import Ops, Unfused, is_zero
 class SGD(Optimizer):
     r"""Stochastic gradient descent with optional momentum and Nesterov momentum.
 
-    .. math::
-        g_t &= \nabla f(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
-        b_t &= g_1 \text{ if } t = 1 \text{ else } \mu\, b_{t-1} + (1-\tau)\, g_t \\
-        \theta_t &= \theta_{t-1} - \gamma\,(g_t + \mu\, b_t \text{ if nesterov else } b_t)
+    ```text
+    g_t &= \nabla f(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+    b_t &= g_1 \text{ if } t = 1 \text{ else } \mu\, b_{t-1} + (1-\tau)\, g_t \\
+    \theta_t &= \theta_{t-1} - \gamma\,(g_t + \mu\, b_t \text{ if nesterov else } b_t)
+    ```
 
     Args:
         lr: learning rate ``\gamma``.
@@ -98,11 +99,12 @@ class SGD(Optimizer):
 class ASGD(Optimizer):
     r"""Averaged stochastic gradient descent (Polyak and Juditsky, 1992).
 
-    .. math::
-        \eta_t &= \gamma / (1 + \lambda_d\,\gamma\,(t-1))^{\alpha} \\
-        \theta_t &= \theta_{t-1}\,(1 - \lambda_d\,\eta_t) - \eta_t\, g_t \\
-        \bar\theta_t &= \bar\theta_{t-1} + \mu_t\,(\theta_t - \bar\theta_{t-1}),
-            \quad \mu_t = 1/\max(1, t - 1 - t_0)
+    ```text
+    \eta_t &= \gamma / (1 + \lambda_d\,\gamma\,(t-1))^{\alpha} \\
+    \theta_t &= \theta_{t-1}\,(1 - \lambda_d\,\eta_t) - \eta_t\, g_t \\
+    \bar\theta_t &= \bar\theta_{t-1} + \mu_t\,(\theta_t - \bar\theta_{t-1}),
+        \quad \mu_t = 1/\max(1, t - 1 - t_0)
+    ```
 
     The average ``\bar\theta`` is kept in the state slot ``"ax"``.
 
