@@ -359,3 +359,11 @@ def test_plain_training_under_no_grad_equals_a_loop():
             wi = ng.train(loss_fn, w0, ng.optim.Adam(lr=0.1), [(xs[i], ys[i])], steps=STEPS)
             for k in wi:
                 close(fast[k][i], wi[k])
+
+
+def test_a_diverging_task_is_named():
+    xs, ys, _, _ = sinusoids()
+    xs = xs.clone()
+    xs[2, 0, 0] = float("nan")
+    with pytest.raises(ng.NonFiniteError, match=r"the loss is not finite for task 2 of 4"):
+        ng.train(loss_fn, init(), ng.optim.SGD(lr=0.05), [(xs, ys)], steps=2, tasks=N)

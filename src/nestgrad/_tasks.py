@@ -214,6 +214,20 @@ def vectorise(
                 _describe(losses) if not isinstance(losses, Tensor) else f"a Tensor of shape {tuple(losses.shape[1:])}"
             )
             raise ValueError(_NOT_SCALAR.format(n=tasks.n, got=got))
+        total.last_losses = losses.detach()  # type: ignore[attr-defined]  # to name a task that diverges
         return losses.sum()
 
+    total.last_losses = None  # type: ignore[attr-defined]
     return total
+
+
+def nonfinite_tasks(loss_fn: Callable[..., Tensor]) -> str:
+    """Which tasks' losses were not finite at the most recent step of a vectorised run ("" if none or unknown)."""
+    losses = getattr(loss_fn, "last_losses", None)
+    if not isinstance(losses, Tensor):
+        return ""
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if not bad:
+        return ""
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    return f" (tasks=): the loss is not finite for task {shown} of {losses.numel()} (counting from 0)."

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from ._buffers import RunBuffers
 from ._distributed import DataParallel, enter, leave
+from ._nonfinite import NonFiniteError
 from ._problem import LossFn, Problem, hparam_leaves
-from ._tasks import Tasks, as_tasks, stack_params, vectorise
+from ._tasks import Tasks, as_tasks, nonfinite_tasks, stack_params, vectorise
 from .methods._base import AdjointMethod, Method, Unroll
 from .optim._base import Optimizer, OptState, _check_params, _describe
 
@@ -164,7 +165,13 @@ def train(
     )  # fmt: skip
     versions = _write_counts(frozen)
     # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
-    trained, final = method.run(problem, {k: v.clone() for k, v in trainable.items()})
+    try:
+        trained, final = method.run(problem, {k: v.clone() for k, v in trainable.items()})
+    except NonFiniteError as err:
+        where = nonfinite_tasks(loss_fn) if tasks is not None else ""
+        if not where:
+            raise
+        raise NonFiniteError(f"{err}{where}") from err
     _check_unwritten(frozen, versions)
     buffers.warn_discarded()
     trained = {**trained, **buffers.trained()}
