@@ -37,6 +37,7 @@ class _Layout(NamedTuple):
     canonical: dict[str, str]  # every name -> the first name of its slot (a submodule under two names)
     buffers: dict[str, Tensor]  # canonical buffer name -> the module's own buffer
     tied: dict[int, list[str]]  # id(tensor) -> canonical names of the slots that hold it, where several do
+    rnns: list[nn.RNNBase]  # modules that cache their weights (``_flat_weights``), to restore after a call
 
 
 def _layout(module: nn.Module) -> _Layout:
@@ -45,7 +46,10 @@ def _layout(module: nn.Module) -> _Layout:
     buffers: dict[str, Tensor] = {}
     slots: dict[tuple[int, str], str] = {}
     holders: dict[int, list[str]] = {}
+    rnns: list[nn.RNNBase] = []
     for prefix, m in module.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.RNNBase):
+            rnns.append(m)
         dot = f"{prefix}." if prefix else ""
         for table, is_buffer in ((m._parameters, False), (m._buffers, True)):
             for attr, t in table.items():
@@ -59,7 +63,7 @@ def _layout(module: nn.Module) -> _Layout:
                     holders.setdefault(id(t), []).append(name)
                     if is_buffer:
                         buffers[name] = t
-    return _Layout(tensors, canonical, buffers, {k: v for k, v in holders.items() if len(v) > 1})
+    return _Layout(tensors, canonical, buffers, {k: v for k, v in holders.items() if len(v) > 1}, rnns)
 
 
 def _slots(module: nn.Module, layout: _Layout, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -162,7 +166,7 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
     copies = [slots[slot] for slot, _ in owned]
     # RNNs cache their weights in _flat_weights, which functional_call leaves holding the given tensors
     # (and their graph): put the module's own back.
-    rnns = [(m, m._flat_weights) for m in module.modules() if isinstance(m, nn.RNNBase)]
+    rnns = [(m, m._flat_weights) for m in layout.rnns]
     try:
         out = functional_call(module, slots, args, kwargs, tie_weights=False, strict=False)
     finally:

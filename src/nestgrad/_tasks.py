@@ -75,9 +75,11 @@ class Tasks:
             ``"same"`` shares one draw.
 
     The tasks form one training problem whose loss is the sum of the tasks' losses: each task's
-    weights get exactly the gradient of its own loss, so every method (Unroll, Reverse, Forward,
-    Implicit, FiniteDiff, ZerothOrder) works unchanged. Iterative solvers (``Implicit``'s CG)
-    then solve for all tasks jointly, with one stopping rule for the whole batch.
+    weights get exactly the gradient of its own loss, so every method runs unchanged. Unroll,
+    Reverse and Forward give each task exactly what a run of that task alone gives. Iterative
+    solvers (``Implicit``'s CG) solve for all tasks jointly, with one stopping rule for the whole
+    batch; ``FiniteDiff`` scales its step by the norm over all tasks and ``ZerothOrder`` perturbs
+    all tasks' hparams together, so both estimate the joint problem, not task by task.
 
     Modules that write a shared tensor in place inside ``loss_fn`` (BatchNorm's running
     statistics in train mode) raise: use ``track_running_stats=False`` or eval mode.
