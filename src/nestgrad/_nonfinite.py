@@ -47,15 +47,28 @@ def finite(tensors: Sequence[Tensor]) -> Tensor:
     constant tensors. On an accelerator, where the flag is read later, the infinity norm: exact.
     """
     floats = [x.detach() for x in tensors if x.is_floating_point() or x.is_complex()]
+    true, false = _TRUE, _FALSE
+    if true is None:
+        true, false = _cpu_flags()
     if not floats:
-        return _TRUE
+        return true
     if floats[0].device.type == "cpu":
-        return _TRUE if _finite_norms(floats) else _FALSE
+        return true if _finite_norms(floats) else false
     with torch.no_grad():
         return torch.stack(torch._foreach_norm(floats, ord=float("inf"))).isfinite().all()
 
 
-_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # the CPU flags: never written
+def _cpu_flags() -> tuple[Tensor, Tensor]:
+    """The CPU flags True and False: never written. Made on first use as ordinary CPU tensors,
+    whatever the caller's inference mode or default device (nothing at import time depends on them)."""
+    global _TRUE, _FALSE
+    with torch.inference_mode(False):
+        _TRUE, _FALSE = torch.tensor(True, device="cpu"), torch.tensor(False, device="cpu")
+    return _TRUE, _FALSE
+
+
+_TRUE: Tensor | None = None
+_FALSE: Tensor | None = None
 
 
 def _finite_norms(floats: list[Tensor]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,15 +89,24 @@ def _walks(t: int, steps: int) -> bool:
     return t < 4 or t & (t - 1) == 0 or t == steps - 1
 
 
-_PROBE = torch.zeros((), requires_grad=True)  # only ever viewed: one autograd node per call, no kernel
+@functools.cache
+def _probe() -> Tensor:
+    """A leaf that is only ever viewed: one autograd node per call, no kernel.
+
+    Made on first use, not at import, and always as an ordinary CPU float32 leaf, whatever the
+    caller's grad mode, inference mode, default dtype or default device.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return torch.zeros((), dtype=torch.float32, device="cpu", requires_grad=True)
 
 
 def _next_sequence_nr() -> int:
     """The sequence number the next autograd node created in this thread will get (at least)."""
+    probe = _probe()
     if torch.is_grad_enabled():
-        return _PROBE.view_as(_PROBE).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
+        return probe.view_as(probe).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
     with torch.enable_grad():
-        return _PROBE.view_as(_PROBE).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
+        return probe.view_as(probe).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
 
 
 def _describe_input(node: Any) -> str:

@@ -172,7 +172,9 @@ _THIS = os.path.abspath(__file__)
 # Frames that only pass a call on: this module, and the attention mode that ng.train installs
 # (a call made through it was still written by the user).
 _TRANSPARENT = frozenset([_THIS, _OWN_DIR + "_attention.py"])
-_ACCUMULATE_GRAD = type((torch.zeros((), requires_grad=True) * 1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
+# The node type of a leaf's gradient accumulator; a constant of torch's, not computed at import time
+# (nothing at import time may depend on the caller's grad mode, inference mode, dtype or device).
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 _SET_GRAD_ENABLED = torch._C._set_grad_enabled
 
 
