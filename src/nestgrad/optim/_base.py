@@ -243,6 +243,14 @@ class Optimizer(abc.ABC):
             on CPU).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Optimizer:
+        # Before __init__ binds its arguments: ``SGD(model.parameters(), lr=0.1)`` would otherwise
+        # fail with Python's "got multiple values for argument 'lr'", which does not say why.
+        if args and _looks_like_params(args[0]):
+            line = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            raise TypeError(_NO_PARAMS.format(cls=cls.__name__, got=_short(args[0]), line=line))
+        return super().__new__(cls)
+
     def __init__(
         self,
         defaults: dict[str, Any],
@@ -561,6 +569,32 @@ class Optimizer(abc.ABC):
                     f"Remove the entry, or fix the name (parameter names look like {list(params)[:3]})."
                 )
 
+    def _check_underflow(self, params: Mapping[str, Tensor]) -> None:
+        """Raise if a positive ``eps`` rounds to 0 in a low-precision parameter's dtype (1e-8 in float16):
+        the update would divide by an exact 0 wherever the second moment underflows."""
+        for name, p in params.items():
+            if p.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            tiny = torch.finfo(p.dtype).smallest_normal * torch.finfo(p.dtype).eps  # the smallest subnormal
+            for k, v in self.hparams(name).items():
+                if k != "eps":
+                    continue
+                label = f"{k}[{name!r}]" if isinstance(v, Mapping) else k
+                v = v[name] if isinstance(v, Mapping) else v
+                values = v.values if isinstance(v, Schedule) else v
+                if values is None or (isinstance(values, Tensor) and _is_functorch_wrapped(values)):
+                    continue
+                with torch.no_grad():
+                    x = torch.as_tensor(values, dtype=torch.float64).detach()
+                    lost = bool(((x > 0) & (x.to(p.dtype) == 0)).any())
+                if lost:
+                    raise ValueError(
+                        _UNDERFLOW.format(
+                            cls=type(self).__name__, label=label, got=_short_value(values), dtype=p.dtype,
+                            name=name, tiny=tiny, safe=f"{tiny:.1g}",
+                        )
+                    )  # fmt: skip
+
     # ---------------------------------------------------------- public API
     def init(self, params: Mapping[str, Tensor]) -> OptState:
         """Return the initial state for ``params`` (a dict of name -> Tensor).
@@ -579,6 +613,7 @@ class Optimizer(abc.ABC):
                     )
         self._check_tensor_values(".init")
         self._check_shapes(params)
+        self._check_underflow(params)
         slots: dict[str, dict[str, Tensor]] = {}
         for name, p in params.items():
             hp = self._step_hparams(name, _HP_DTYPE.get(p.dtype, torch.float32))
@@ -849,6 +884,36 @@ class Optimizer(abc.ABC):
         return f"{type(self).__name__}({args}{groups})"
 
 
+_NO_PARAMS = (
+    "nestgrad.optim.{cls} takes hyperparameters only, not the parameters to train; got {got} as its first "
+    "argument. Write opt = nestgrad.optim.{cls}({line}), and pass the params to the run instead: "
+    "nestgrad.train(loss_fn, dict(model.named_parameters()), opt, data, steps=...), or "
+    "state = opt.init(dict(model.named_parameters()))."
+)
+
+
+def _looks_like_params(x: object) -> bool:
+    """Whether ``x`` is what torch.optim takes as its first argument: a module's parameters, a list of
+    Tensors or of param-group dicts, a dict of name -> Tensor or a module."""
+    if isinstance(x, (Tensor, str, bytes)) or isinstance(x, Schedule):
+        return False
+    if isinstance(x, torch.nn.Module) or inspect.isgenerator(x):
+        return True
+    # Not a dict of name -> Tensor: that is a valid per-parameter lr.
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(v, Tensor) or (isinstance(v, Mapping) and "params" in v) for v in x)
+    return False
+
+
+def _short(x: object) -> str:
+    """What torch.optim-style params were given, in a few words (not their values)."""
+    if inspect.isgenerator(x):
+        return "a generator (such as model.parameters())"
+    if isinstance(x, torch.nn.Module):
+        return f"the module {type(x).__name__}"
+    return f"a {type(x).__name__} of {len(x)} {'param groups' if isinstance(x[0], Mapping) else 'Tensors'}"  # type: ignore[arg-type,index]
+
+
 def _check_params(params: object, arg: str, where: str) -> None:
     """Raise a clear error unless ``params`` is a dict of str -> Tensor."""
     if not isinstance(params, Mapping):
@@ -968,6 +1033,20 @@ def _tensor_value(x: Tensor, valid: _Range) -> str:
         return f"a Tensor holding {_value_of(x)}"
     bad = (~valid.holds_tensor(x)).nonzero()[0].tolist()
     return f"a Tensor of shape {tuple(x.shape)} whose element {bad} is {_value_of(x[tuple(bad)])}"
+
+
+_UNDERFLOW = (
+    "{cls}.init: {label}={got} rounds to 0 in {dtype}, the dtype of parameter {name!r} (its smallest "
+    "positive value is {tiny:.3g}), so the update would divide by an exact 0 wherever the second moment "
+    "underflows and give inf or NaN. Pass {label} >= {safe} (e.g. eps=1e-4, common for {dtype}), or keep "
+    "float32 master weights: train the params in float32 and cast them to {dtype} where you use them."
+)
+
+
+def _short_value(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"{_value_of(x)} (a Tensor)" if x.numel() == 1 else f"a Tensor of shape {tuple(x.shape)}"
+    return repr(x)
 
 
 _MISSING_NAME = (

@@ -129,11 +129,11 @@ class PerTensor:
             return [x + y * z * value for x, y, z in zip(xs, ys, zs, strict=True)]
         return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs, strict=True)]
 
-    @staticmethod
-    def addcdiv(xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1) -> Tensors:
-        if isinstance(value, Tensor):
-            return [x + y / z * value for x, y, z in zip(xs, ys, zs, strict=True)]
-        return [torch.addcdiv(x, y, z, value=value) for x, y, z in zip(xs, ys, zs, strict=True)]
+    @classmethod
+    def addcdiv(cls, xs: Tensors, ys: Tensors, zs: Tensors, value: Scalar = 1) -> Tensors:
+        # The quotient first, then a scaled add, as Foreach.addcdiv does: torch.addcdiv rounds
+        # value * y / z in another order, a last-bit difference between the two back ends.
+        return cls.add(xs, [y / z for y, z in zip(ys, zs, strict=True)], value)
 
     @staticmethod
     def lerp(xs: Tensors, ys: Tensors, weight: Scalar) -> Tensors:
