@@ -115,12 +115,7 @@ def train(
             "use torch.no_grad() instead."
         )
     if not isinstance(optimizer, Optimizer):
-        hint = ""
-        if isinstance(optimizer, torch.optim.Optimizer):
-            hint = f" Use nestgrad.optim.{type(optimizer).__name__}(...) with the same arguments."
-        raise TypeError(
-            f"nestgrad.train: optimizer must be a nestgrad.optim optimizer; got {_describe(optimizer)}.{hint}"
-        )
+        raise TypeError(_not_an_optimizer(optimizer))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"nestgrad.train: steps must be an int >= 1; got {steps!r}.")
     if not isinstance(check_finite, bool):
@@ -180,6 +175,45 @@ def train(
         weights, marked = leave(weights, final if return_state else None)
         final = marked if return_state else final
     return (weights, final) if return_state else weights
+
+
+_TORCH_OPTIMIZER = (
+    "nestgrad.train: optimizer must be a nestgrad.optim optimizer; got {got}. nestgrad's optimizers take "
+    "hyperparameters only (the params go to train): use nestgrad.optim.{name}({args}) with the same "
+    "hyperparameters."
+)
+_NO_TWIN = (
+    "nestgrad.train: optimizer must be a nestgrad.optim optimizer; got {got}, which nestgrad.optim does not "
+    "have. Its optimizers are {known}; construct one with hyperparameters only, e.g. nestgrad.optim.Adam(lr=1e-3)."
+)
+
+
+def _not_an_optimizer(optimizer: object) -> str:
+    """The message for an ``optimizer`` that is not a nestgrad one: a torch.optim class or instance gets
+    its nestgrad twin, in a short description (class name and lr), never the instance's whole repr."""
+    import nestgrad.optim as ours
+
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    if issubclass(cls, Optimizer):  # the class itself
+        return (
+            f"nestgrad.train: optimizer must be a nestgrad.optim optimizer object; got the class "
+            f"nestgrad.optim.{cls.__name__}. Construct it: nestgrad.optim.{cls.__name__}(lr=...)."
+        )
+    if not issubclass(cls, torch.optim.Optimizer):
+        return f"nestgrad.train: optimizer must be a nestgrad.optim optimizer; got {_describe(optimizer)}."
+    name = cls.__name__
+    if isinstance(optimizer, type):
+        got, args = f"the class torch.optim.{name}, not an optimizer object", "lr=..."
+    else:
+        groups = getattr(optimizer, "param_groups", None) or [{}]
+        lr = groups[0].get("lr", getattr(optimizer, "defaults", {}).get("lr"))
+        got = f"a torch.optim.{name} (lr={lr!r}, {len(groups)} param group{'s' if len(groups) != 1 else ''})"
+        args = f"lr={lr!r}, ..." if lr is not None else "..."
+    twin = getattr(ours, name, None)
+    if not (isinstance(twin, type) and issubclass(twin, Optimizer)):
+        known = ", ".join(n for n in ours.__all__ if n not in ("Optimizer", "OptState", "Schedule"))
+        return _NO_TWIN.format(got=got, known=known)
+    return _TORCH_OPTIMIZER.format(got=got, name=name, args=args)
 
 
 _NOT_A_STATE = (
