@@ -11,7 +11,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vmap
 
-from .optim._base import _describe
+from .optim._base import _FLAGS, Optimizer, _describe
+from .optim._schedule import Schedule
 
 Dims = Any  # 0, None, or a pytree prefix of them, as torch.func.vmap's in_dims
 
@@ -42,6 +43,47 @@ _IN_PLACE = (
     "run the module in eval mode, or train the tasks one at a time in a Python loop."
 )
 
+_VMAP_VALUE = (
+    "nestgrad.train(tasks={n}): loss_fn {did}, which torch.func.vmap cannot do. nestgrad runs loss_fn once "
+    "for all {n} tasks together (under vmap), so a tensor inside it stands for {n} values, one per task, and "
+    "vmap forbids turning it into one Python number or bool: .item(), float(t), int(t), bool(t), and "
+    "`if t > 1:` / `while t ...` on a tensor. Write the per-task choice with tensor operations: torch.where("
+    "cond, a, b) or a mask (a * cond + b * ~cond) instead of if/else on a tensor, torch.clamp / "
+    "torch.minimum / torch.maximum instead of comparing and choosing, and keep values as tensors instead of "
+    ".item() (log them after train returns). Or train the tasks one at a time: tasks=None and a Python loop "
+    "over the tasks."
+)
+
+_VMAP_ITEM = "calls .item() (or float() / int()) on a tensor"
+_VMAP_CONTROL = "uses a tensor in Python control flow (if / while / bool() / and / or on a tensor)"
+
+_VMAP_SHAPE = (
+    "nestgrad.train(tasks={n}): loss_fn calls an operation whose output shape depends on the values (t[mask] "
+    "with a boolean mask, nonzero, masked_select, unique, ...), which torch.func.vmap cannot do: nestgrad runs "
+    "loss_fn once for all {n} tasks together, and each task would get a different shape. Keep the shapes "
+    "fixed: multiply by the mask or use torch.where(mask, t, 0) and divide by mask.sum() instead of "
+    "t[mask].mean(). Or train the tasks one at a time: tasks=None and a Python loop over the tasks."
+)
+
+_STACKED = (
+    "nestgrad.train(tasks={n}): loss_fn failed, and params {names} look like stacked per-task weights: they "
+    "already have a leading dimension of size {n} (as the weights that train(..., tasks={n}) returns have), "
+    "but they were passed as initial weights shared by all tasks (ng.Tasks(params=None), the default), so "
+    "every task received the whole stacked tensor ({first!r} has shape {shape} in each task). To continue "
+    "from stacked per-task weights, pass tasks=ng.Tasks({n}, params=0) (with the state the earlier run "
+    "returned, state=...); for shared initial weights, pass each weight without the task dimension. "
+    "loss_fn raised {kind}: {err}"
+)
+
+_AMBIGUOUS = (
+    "nestgrad.train(tasks={n}): {cls}'s {label} has shape {shape}, whose leading size {n} equals the number "
+    "of tasks, but it has fewer dimensions than the stacked weight {name!r} of shape {stacked} (tasks "
+    "first). Broadcasting aligns trailing dimensions, so it would apply along the dimensions of {name!r} "
+    "itself, the same values for every task, not one value per task. For one value per task, give it the shape "
+    "{per_task}; for the same per-element values in every task, give it the shape {shared} (the task "
+    "dimension of size 1)."
+)
+
 
 @dataclass(frozen=True)
 class Tasks:
@@ -67,9 +109,12 @@ class Tasks:
             pytree prefix of the batch, as vmap's ``in_dims``.
         hparams: ``None`` (default): the ``hparams`` are shared by all tasks; ``0``: every
             Tensor in them has a leading task dimension (per-task loss weights); or a pytree
-            prefix of ``hparams``. The optimizer's own Tensor hyperparameters are shared, and
-            broadcast against the stacked weights (a per-task learning rate is a Tensor of shape
-            ``(n, 1, ...)`` with as many trailing ones as the weight has dimensions).
+            prefix of ``hparams``. The optimizer's own Tensor hyperparameters broadcast against
+            the stacked weights ``(n, *shape)``: a per-task learning rate is a Tensor of shape
+            ``(n, 1, ...)`` with as many trailing ones as the weight has dimensions. A value
+            with fewer dimensions than the stacked weight whose leading size is ``n`` (a ``(n,)``
+            lr for a matrix) is ambiguous and raises with the shape to use; per-element values
+            shared by the tasks whose leading size is ``n`` take a leading 1, ``(1, *shape)``.
         randomness: ``torch.func.vmap``'s ``randomness``: ``"error"`` (default) refuses random
             operations inside ``loss_fn``; ``"different"`` draws independently for each task;
             ``"same"`` shares one draw.
@@ -82,7 +127,11 @@ class Tasks:
     all tasks' hparams together, so both estimate the joint problem, not task by task.
 
     Modules that write a shared tensor in place inside ``loss_fn`` (BatchNorm's running
-    statistics in train mode) raise: use ``track_running_stats=False`` or eval mode.
+    statistics in train mode) raise: use ``track_running_stats=False`` or eval mode. ``vmap``
+    forbids ``.item()`` and Python control flow on tensors (``if loss > 1:``) inside
+    ``loss_fn``: these raise and say what to write instead (``torch.where``, masks,
+    ``torch.clamp``). To continue from the stacked weights a run returned, pass
+    ``Tasks(n, params=0)``.
 
     Example:
         >>> # MAML: 25 tasks, shared initial weights, 5 inner steps, one meta-gradient.
@@ -169,6 +218,44 @@ def stack_params(
     return out, dims
 
 
+def check_hparams(tasks: Tasks, optimizer: Optimizer, trainable: Mapping[str, Tensor]) -> None:
+    """Refuse optimizer Tensor hyperparameters whose reading against the stacked weights is ambiguous.
+
+    ``trainable`` holds the stacked weights, ``(n, *shape)``. A value broadcasts against them
+    from the right, so one with fewer dimensions than a stacked weight never reaches the task
+    dimension: it is shared by the tasks. When its leading size is ``n`` all the same (``(n,)``
+    for a matrix, the shape a per-task value would have alone), it was most likely meant per
+    task, and this raises with the shape that says so. Values with ``1 + len(shape)`` dimensions
+    (tasks first), 1-element values and function schedules (which have no shape before they run)
+    are not checked here; ``optimizer.init`` checks that every value broadcasts. Runs once, before
+    the first step.
+    """
+    n = tasks.n
+    if n == 1:
+        return  # a leading size of 1 broadcasts the same way on either reading
+    cls = type(optimizer).__name__
+    for name, p in trainable.items():
+        for k, v in optimizer.hparams(name).items():
+            if k == "params" or k in _FLAGS:
+                continue
+            for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
+                label = f"{k}[{i}]" if isinstance(v, tuple) else k
+                if isinstance(x, Mapping):
+                    if name not in x:
+                        continue  # optimizer.init names the missing entry
+                    x, label = x[name], f"{label}[{name!r}]"
+                if isinstance(x, Schedule) and x.values is not None:
+                    shape, label = tuple(x.values.shape[1:]), f"{label} (each step's value of a Schedule)"
+                elif isinstance(x, Tensor) and x.numel() != 1:
+                    shape = tuple(x.shape)
+                else:
+                    continue
+                if shape and shape[0] == n and len(shape) < p.ndim:
+                    per_task, shared = (n, *([1] * (p.ndim - 1))), (1, *shape)
+                    fields = dict(n=n, cls=cls, label=label, shape=shape, name=name, stacked=tuple(p.shape))
+                    raise ValueError(_AMBIGUOUS.format(**fields, per_task=per_task, shared=shared))
+
+
 def _check_leading(tasks: Tasks, t: Tensor, what: str, kind: str) -> None:
     if t.ndim == 0 or t.shape[0] != tasks.n:
         why = "it is a scalar, with no room for" if t.ndim == 0 else "ng.Tasks marks it as having"
@@ -204,12 +291,28 @@ def vectorise(
         )
         try:
             losses = vmap(loss_fn, in_dims=in_dims, randomness=tasks.randomness)(params, batch, hparams)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             text = str(err)
-            if "randomness" in text and "error" in text:
-                raise RuntimeError(_RANDOM.format(n=tasks.n)) from err
-            if ("vmap" in text and ("inplace" in text or "in-place" in text)) or "updated in place" in text:
-                raise RuntimeError(_IN_PLACE.format(n=tasks.n)) from err
+            if isinstance(err, RuntimeError):
+                if "randomness" in text and "error" in text:
+                    raise RuntimeError(_RANDOM.format(n=tasks.n)) from err
+                if ("vmap" in text and ("inplace" in text or "in-place" in text)) or "updated in place" in text:
+                    raise RuntimeError(_IN_PLACE.format(n=tasks.n)) from err
+                if "vmap" in text and "calling .item() on a Tensor" in text:
+                    raise RuntimeError(_VMAP_VALUE.format(n=tasks.n, did=_VMAP_ITEM)) from err
+                if "vmap" in text and "data-dependent control flow" in text:
+                    raise RuntimeError(_VMAP_VALUE.format(n=tasks.n, did=_VMAP_CONTROL)) from err
+                if "vmap" in text and "dynamic shape" in text:
+                    raise RuntimeError(_VMAP_SHAPE.format(n=tasks.n)) from err
+            stacked = _stacked_shared(tasks, params, param_dims)
+            if stacked:
+                k = stacked[0]
+                shape = tuple(params[k].shape[1:] if param_dims.get(k, 0) == 0 else params[k].shape)
+                raise (RuntimeError if isinstance(err, RuntimeError) else ValueError)(
+                    _STACKED.format(
+                        n=tasks.n, kind=type(err).__name__, err=text, names=stacked[:4], first=k, shape=shape
+                    )
+                ) from err
             raise
         if not isinstance(losses, Tensor) or losses.shape != (tasks.n,):
             got = (
@@ -221,6 +324,23 @@ def vectorise(
 
     total.last_losses = None  # type: ignore[attr-defined]
     return total
+
+
+def _stacked_shared(tasks: Tasks, params: Mapping[str, Tensor], param_dims: Mapping[str, int | None]) -> list[str]:
+    """Names of weights given as shared (``Tasks(params=None)``) whose own leading size is ``n``.
+
+    ``params`` are the tensors the vectorised loss received: shared trainable weights were
+    expanded to ``(n, *shape)`` (their ``param_dims`` is 0), frozen ones kept their shape.
+    """
+    spec = tasks.params
+    out = []
+    for k, v in params.items():
+        if (spec.get(k) if isinstance(spec, Mapping) else spec) is not None:
+            continue
+        own = v.shape[1:] if param_dims.get(k, 0) == 0 else v.shape
+        if len(own) >= 1 and own[0] == tasks.n:
+            out.append(k)
+    return out
 
 
 def nonfinite_tasks(loss_fn: Callable[..., Tensor]) -> str:
