@@ -13,7 +13,7 @@ from ._buffers import RunBuffers
 from ._distributed import DataParallel, enter, leave
 from ._nonfinite import NonFiniteError
 from ._problem import LossFn, Problem, hparam_leaves
-from ._tasks import Tasks, as_tasks, nonfinite_tasks, stack_params, vectorise
+from ._tasks import Tasks, as_tasks, check_hparams, nonfinite_tasks, stack_params, vectorise
 from .methods._base import AdjointMethod, Method, Unroll
 from .optim._base import Optimizer, OptState, _check_params, _describe
 
@@ -134,6 +134,8 @@ def train(
         loss_fn = vectorise(tasks, loss_fn, dims)
     trainable = _trainable(params) if state is None else _stated(params, state)
     frozen = {k: v for k, v in params.items() if k not in trainable}
+    if tasks is not None:
+        check_hparams(tasks, optimizer, trainable)
     _check_start(method, trainable, state)
     leaves = list(hparam_leaves(hparams)) if hparams is not None else []
     if leaves and torch.is_grad_enabled() and not any(t.requires_grad for _, t in leaves):
