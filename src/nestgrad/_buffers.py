@@ -57,6 +57,14 @@ class RunBuffers:
         self._given = dict(given or {})
         self._given_ids = {id(v): k for k, v in self._given.items()}
         self._copies: dict[int, _Copy] = {}
+        #: The module weights ng.call ran with because params left them out: id -> (name, tensor).
+        #: A method that re-runs steps in its backward pass reads them again (methods/_base.py ``Reads``).
+        self.module_weights: dict[int, tuple[str, Tensor]] = {}
+
+    def read(self, name: str, weight: Tensor) -> None:
+        """Note that ``ng.call`` ran a module with its own ``weight`` (left out of the params it was given)."""
+        if id(weight) not in self.module_weights:
+            self.module_weights[id(weight)] = (name, weight)
 
     def owns(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` was given to ``ng.train``, so that the run must use its copy."""

@@ -146,6 +146,11 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
         raise KeyError(_UNKNOWN.format(module=type(module).__name__, unknown=unknown, known=known))
     slots = _slots(module, layout, params)
     run = _buffers.current()
+    if run is not None:  # the module's own weights that params left out: a replay reads them again
+        for name, own in layout.tensors.items():
+            slot = layout.canonical[name]
+            if slot not in slots and slot not in layout.buffers:
+                run.read(name, own)
     owned: list[tuple[str, Tensor]] = []  # (slot, tensor) that the training run's copies replace
     scratch: dict[int, Tensor] = {}  # throwaway copies outside a run, one per tensor (tied buffers share one)
     for slot, own in layout.buffers.items():

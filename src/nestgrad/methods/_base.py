@@ -70,7 +70,8 @@ class AdjointMethod(Method):
     # run's all-reduces are replayed too (otherwise the cotangent is averaged across ranks first).
     replays_steps: ClassVar[bool] = False
     #: What ``backward()`` reads again of the user's tensors: some of "params" (the initial weights),
-    #: "hparams", "frozen" and "trained" (the outputs). Changing them in place before backward raises.
+    #: "hparams", "frozen" (also the module weights ng.call used), "state" (a given ``state=``) and
+    #: "trained" (the outputs). Changing them in place before backward raises (``Reads``).
     rereads: ClassVar[frozenset[str]] = frozenset({"hparams", "frozen"})
     #: What a NaN or inf hypergradient from finite inputs means for this method, and what to do.
     nonfinite_hint: ClassVar[str] = ""
@@ -126,29 +127,72 @@ _CHANGED = (
     "nestgrad.train ({method}): {what} was modified in place after nestgrad.train returned (its version "
     "counter went from {then} to {now}), but {method} reads it again in the backward pass, so the "
     "hypergradient would be computed at the new value. Call backward() / torch.autograd.grad() before "
-    "changing it, or change it out of place (A = A - lr * A.grad instead of A -= ...)."
+    "changing it, or {fix}"
 )
 
+_OUT_OF_PLACE = "change it out of place (A = A - lr * A.grad instead of A -= ...)."
+_FIXES = {
+    "frozen": _OUT_OF_PLACE,
+    "module": (
+        "pass a copy of it in params (with requires_grad=False), which the run then reads instead of the "
+        "module's own tensor: params={{**params, {name!r}: module_weight.detach().clone()}}."
+    ),
+    "state": (
+        "pass a copy of the state, which the run then reads instead: "
+        "state=state.with_tensors([x.clone() for x in state.tensors()])."
+    ),
+    "hparams": _OUT_OF_PLACE,
+    "params": _OUT_OF_PLACE,
+    "trained": "compute with a copy of it (w.clone()) instead of changing it.",
+}
 
-def _versions(method: AdjointMethod, problem: Problem, params: dict[str, Tensor], trained: Any) -> list[Any]:
-    """``(what, tensor, version)`` for every tensor of the user's that ``method.backward`` reads again."""
-    kinds = method.rereads
-    named: list[tuple[str, Tensor]] = []
-    if "params" in kinds:
-        named += [(f"params[{k!r}]", v) for k, v in params.items()]
-    if "frozen" in kinds:
-        named += [(f"params[{k!r}] (frozen)", v) for k, v in problem.frozen.items()]
-    if "hparams" in kinds:
-        named += list(zip(problem.hparam_names(), problem.hparam_tensors(), strict=True))
-    if "trained" in kinds:
-        named += [(f"the trained weight {k!r}", v) for k, v in trained.items()]
-    return [(what, x, x._version) for what, x in named]
 
+class Reads:
+    """The caller's tensors that a method's ``backward()`` reads again, with their in-place write counts.
 
-def _check_versions(method: str, versions: list[Any]) -> None:
-    for what, x, then in versions:
-        if x._version != then:
-            raise RuntimeError(_CHANGED.format(method=method, what=what, then=then, now=x._version))
+    Made when the forward pass (the training run) ends; ``check()`` runs at the top of the backward
+    pass and raises, naming the tensor, if any of them was changed in place in between. A write count
+    (``Tensor._version``) is a Python int: nothing is read from the device, and the check costs one
+    comparison per tensor per backward pass. What is read again is ``method.rereads``:
+
+    * ``"params"``: the initial weights. ``train`` passes clones, so only the method holds them;
+    * ``"frozen"``: the tensors of ``params`` that do not require grad, and the module weights that
+      ``params`` left out, which ``nestgrad.call`` ran the module with (``RunBuffers.module_weights``);
+    * ``"state"``: the tensors of the optimizer state given as ``train(..., state=)``;
+    * ``"hparams"``: the leaves of ``hparams`` and the optimizer's Tensor hyperparameters;
+    * ``"trained"``: the trained weights returned to the caller.
+    """
+
+    def __init__(self, method: AdjointMethod, problem: Problem, params: dict[str, Tensor], trained: Any) -> None:
+        kinds = method.rereads
+        named: list[tuple[str, str, str, Tensor]] = []  # (kind, what, name, tensor)
+        if "params" in kinds:
+            named += [("params", f"params[{k!r}]", k, v) for k, v in params.items()]
+        if "frozen" in kinds:
+            named += [("frozen", f"params[{k!r}] (frozen)", k, v) for k, v in problem.frozen.items()]
+            used = "left out of params, so nestgrad.call ran the module with its own tensor"
+            module = problem.buffers.module_weights.values()
+            named += [("module", f"the module weight {k!r} ({used})", k, v) for k, v in module]
+        if "state" in kinds and problem.state is not None:
+            named += [
+                ("state", f"the given state's {slot!r} of {k!r}", k, v)
+                for slot, values in problem.state.slots.items()
+                for k, v in values.items()
+            ]
+        if "hparams" in kinds:
+            hparams = zip(problem.hparam_names(), problem.hparam_tensors(), strict=True)
+            named += [("hparams", n, n, h) for n, h in hparams]
+        if "trained" in kinds:
+            named += [("trained", f"the trained weight {k!r}", k, v) for k, v in trained.items()]
+        # Inference tensors keep no write count (and cannot be written outside inference mode).
+        self.tensors = [(*entry, entry[3]._version) for entry in named if not entry[3].is_inference()]
+
+    def check(self, method: str) -> None:
+        """Raise if a tensor the backward pass reads again was changed in place since training."""
+        for kind, what, name, x, then in self.tensors:
+            if x._version != then:
+                fix = _FIXES[kind].format(name=name)
+                raise RuntimeError(_CHANGED.format(method=method, what=what, then=then, now=x._version, fix=fix))
 
 
 _OUTER_NAN = (
@@ -179,7 +223,7 @@ class _Adjoint(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output (a state slot, usually) gets None, not zeros
         ctx.run = (method, problem, names, saved, m)
         ctx.zeros = [(v.shape, v.dtype, v.device) for v in (trained[k] for k in names)]
-        ctx.versions = _versions(method, problem, params, trained)
+        ctx.reads = Reads(method, problem, params, trained)
         return (*(trained[k] for k in names), *state.tensors())
 
     @staticmethod
@@ -192,7 +236,7 @@ class _Adjoint(torch.autograd.Function):
         n = len(names)
         state_grads: list[Tensor | None] = list(grads[n:])
         grads = grads[:n]
-        _check_versions(name, ctx.versions)
+        ctx.reads.check(name)
         if not _keeps_graph():
             # Like autograd's own saved tensors: free the trajectory / Jacobian now, not when
             # the trained weights die.

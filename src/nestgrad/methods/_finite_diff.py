@@ -92,6 +92,8 @@ class FiniteDiff(AdjointMethod):
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
         t = problem.steps - 1
         w, state = problem.fit(params, stop=t)
+        if t == 0 and problem.state is not None:  # the caller's given state: the backward pass keeps its own copy
+            state = state.with_tensors([x.detach().clone() for x in state.tensors()])
         # The last step, as Problem.step does it, but keeping its gradient for the backward pass.
         rng = rng_state()
         p = {k: v.detach().requires_grad_() for k, v in w.items()}

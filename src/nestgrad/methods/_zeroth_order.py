@@ -104,8 +104,8 @@ class ZerothOrder(AdjointMethod):
 
     @property
     def rereads(self) -> frozenset[str]:  # type: ignore[override]
-        """The re-runs start again from the initial params; one-sided differences reuse the trained weights."""
-        return frozenset({"params", "hparams", "frozen", *(() if self.antithetic else ("trained",))})
+        """Re-runs start again from the initial params and state; one-sided differences reuse the trained weights."""
+        return frozenset({"params", "state", "hparams", "frozen", *(() if self.antithetic else ("trained",))})
 
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
