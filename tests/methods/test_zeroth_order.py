@@ -212,3 +212,30 @@ def test_an_exactly_zero_estimate_warns_and_names_sigma():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert hypergrad(2.0).item() != 0  # perturbations cross the threshold at 0
+
+
+# ------------------------------------------------- checkpoints load all or nothing
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (lambda g: g[:100], ValueError, r"'generator' has shape \(100,\), but .* has shape \(5056,\).*truncated"),
+        (lambda g: torch.zeros_like(g), ValueError, r"'generator' has the right size but is not a valid state"),
+        (lambda g: g.to(torch.int64), TypeError, r"'generator' must be the uint8 Tensor .* got a torch.int64 Tensor"),
+    ],
+    ids=["truncated", "corrupted", "dtype"],
+)
+def test_load_state_dict_with_a_bad_generator_state_raises_and_loads_nothing(change, error, match) -> None:
+    saved = ng.ZerothOrder(samples=2, sigma=0.1, seed=1).state_dict()
+    saved["generator"] = change(saved["generator"])
+    method = ng.ZerothOrder(samples=2, sigma=0.1, seed=0)
+    before = method.state_dict()["generator"]
+    with pytest.raises(error, match=r"^nestgrad\.ZerothOrder\.load_state_dict: " + match):
+        method.load_state_dict(saved)
+    assert torch.equal(method.state_dict()["generator"], before)  # nothing was loaded
+
+
+def test_load_state_dict_continues_the_directions() -> None:
+    a = ng.ZerothOrder(samples=2, sigma=0.1, seed=3)
+    b = ng.ZerothOrder(samples=2, sigma=0.1, seed=4)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(torch.randn(5, generator=a._generator), torch.randn(5, generator=b._generator))

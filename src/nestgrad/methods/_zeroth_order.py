@@ -82,7 +82,7 @@ class ZerothOrder(AdjointMethod):
             ``False`` uses one-sided differences against the unperturbed run.
         seed: seed of the direction generator, or ``None``.
 
-    Example:
+    Examples:
         >>> w = ng.train(train_loss, params, opt, data, steps=200, hparams=threshold,
         ...              method=ng.ZerothOrder(samples=32, sigma=0.1, seed=0))
         >>> (d_threshold,) = torch.autograd.grad(val_loss(w), threshold)
@@ -137,7 +137,7 @@ class ZerothOrder(AdjointMethod):
         created with the same settings that loads it draws the same directions as this one would
         next, so a resumed outer loop gives the same estimates.
 
-        Example:
+        Examples:
             >>> torch.save(method.state_dict(), "zo.pt")
             >>> method = ng.ZerothOrder(samples=8, sigma=0.1, seed=0)
             >>> method.load_state_dict(torch.load("zo.pt", weights_only=True))
@@ -169,10 +169,19 @@ class ZerothOrder(AdjointMethod):
                 )
         generator = state_dict.get("generator")
         if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
+            got = f"a {generator.dtype} Tensor" if isinstance(generator, Tensor) else type(generator).__name__
             raise TypeError(
                 f"nestgrad.ZerothOrder.load_state_dict: 'generator' must be the uint8 Tensor of "
-                f"torch.Generator.get_state(); got {type(generator).__name__}."
+                f"torch.Generator.get_state(); got {got}."
             )
+        expected = self._generator.get_state()
+        if generator.shape != expected.shape:
+            raise ValueError(_GENERATOR_SIZE.format(shape=tuple(generator.shape), expected=tuple(expected.shape)))
+        scratch = torch.Generator()  # validated on a throwaway generator: a bad state leaves this one as it was
+        try:
+            scratch.set_state(generator)
+        except RuntimeError as err:
+            raise ValueError(_GENERATOR_INVALID.format(err=str(err).splitlines()[0])) from err
         self._generator.set_state(generator)
 
     def batches(self, data: Any, steps: int) -> Batches:
@@ -248,6 +257,18 @@ class _Rng:
         if key != self.end and key != rng_key(self.start):  # a re-run that drew no random numbers is fine
             raise ReplayError(_RNG_DIFFERS.format(cause=threads_cause(self.threads)))
 
+
+_GENERATOR_SIZE = (
+    "nestgrad.ZerothOrder.load_state_dict: 'generator' has shape {shape}, but the state of the direction "
+    "generator (torch.Generator.get_state()) has shape {expected}: the checkpoint is truncated or holds "
+    "another tensor. Nothing was loaded. Pass the dict that ZerothOrder.state_dict() returned, unchanged."
+)
+
+_GENERATOR_INVALID = (
+    "nestgrad.ZerothOrder.load_state_dict: 'generator' has the right size but is not a valid state of "
+    "torch.Generator (torch says: {err}): the checkpoint is corrupted. Nothing was loaded. Pass the dict "
+    "that ZerothOrder.state_dict() returned, unchanged."
+)
 
 _RNG_DIFFERS = (
     "nestgrad.ZerothOrder: a re-run of the training at perturbed hyperparameters drew other random numbers "
