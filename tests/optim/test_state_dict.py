@@ -118,6 +118,92 @@ def test_loading_a_state_with_other_names_slots_or_shapes_raises():
         state.load_state_dict(other.state_dict())
 
 
+def loaded_optimizer():
+    """An Adam with a Tensor, a per-element, a per-parameter dict, a schedule and a group."""
+    return optim.Adam(
+        lr=torch.tensor(0.1),
+        betas=(torch.tensor(0.9), 0.999),
+        eps={"w": torch.full((3, 4), 1e-8), "b": 1e-8},
+        weight_decay=Schedule(torch.tensor([0.0, 0.01, 0.02])),
+        groups=[{"params": ["b"], "lr": torch.tensor(0.05), "betas": (0.8, 0.99)}],
+    )
+
+
+def snapshot(opt):
+    def leaf(v):
+        if isinstance(v, tuple):
+            return tuple(leaf(x) for x in v)
+        if isinstance(v, dict):
+            return {k: leaf(x) for k, x in v.items()}
+        if isinstance(v, torch.Tensor):
+            return ("tensor", id(v), v.clone())
+        if isinstance(v, Schedule):
+            return ("schedule", id(v), id(v.values), v.values.clone())
+        return v
+
+    return leaf(opt.defaults), [leaf(g) for g in opt.groups]
+
+
+def same(a, b):
+    if isinstance(a, tuple) and a and a[0] in ("tensor", "schedule"):
+        return a[:-1] == b[:-1] and torch.equal(a[-1], b[-1])
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b or (a != a and b != b)
+
+
+def corrupt(sd, where, value):
+    """The state_dict with a new lr in every place it is saved, and ``value`` at ``where``."""
+    sd["defaults"]["lr"] = torch.tensor(0.5)
+    sd["groups"][0]["lr"] = torch.tensor(0.5)
+    sd["defaults"]["weight_decay"] = {"schedule": torch.tensor([0.3, 0.3, 0.3])}
+    sd["defaults"]["eps"]["per_parameter"]["w"] = torch.full((3, 4), 1e-3)
+    if where == "betas[0]":
+        sd["defaults"]["betas"] = (value, 0.999)
+    elif where == "groups[0].betas[1]":
+        sd["groups"][0]["betas"] = (0.8, value)
+    elif where == "eps['w']":
+        sd["defaults"]["eps"]["per_parameter"]["w"] = value
+    elif where == "weight_decay (schedule)":
+        sd["defaults"]["weight_decay"] = {"schedule": value}
+    return sd
+
+
+BAD = [
+    ("betas[0]", torch.tensor(float("nan")), "betas[0] is a Tensor holding nan, but it must be in [0, 1)"),
+    ("groups[0].betas[1]", float("nan"), "groups[0].betas[1] must be in [0, 1); got nan"),
+    ("eps['w']", torch.full((3, 4), -1.0), "eps['w'] is a Tensor of shape (3, 4) whose element [0, 0] is -1.0"),
+    ("weight_decay (schedule)", torch.tensor([0.1, float("inf"), 0.0]), "weight_decay (schedule) is a Tensor of"),
+]
+
+
+@pytest.mark.parametrize("where, value, words", BAD, ids=[b[0] for b in BAD])
+def test_loading_an_invalid_value_raises_naming_it_and_changes_nothing(where, value, words):
+    opt = loaded_optimizer()
+    before = snapshot(opt)
+    sd = corrupt(loaded_optimizer().state_dict(), where, value)
+    with pytest.raises(ValueError) as info:
+        opt.load_state_dict(sd)
+    text = str(info.value)
+    assert text.startswith("Adam.load_state_dict: ") and words in text, text
+    assert "Nothing was loaded" in text and "meta-learned" not in text, text
+    assert same(snapshot(opt), before), "the optimizer was changed by a load that raised"
+    # A valid state_dict with the same new values still loads, into the same Tensors.
+    opt.load_state_dict(corrupt(loaded_optimizer().state_dict(), "", None))
+    assert id(opt.defaults["lr"]) == before[0]["lr"][1] and float(opt.defaults["lr"]) == 0.5
+
+
+def test_loading_sgd_settings_that_break_a_rule_across_hyperparameters_raises_before_loading():
+    opt = optim.SGD(lr=torch.tensor(0.1), momentum=0.9, nesterov=True)
+    sd = opt.state_dict()
+    sd["defaults"]["lr"], sd["defaults"]["momentum"] = torch.tensor(0.5), 0.0
+    with pytest.raises(ValueError, match=r"SGD.load_state_dict: nesterov=True needs momentum > 0.*nothing was loaded"):
+        opt.load_state_dict(sd)
+    assert float(opt.defaults["lr"]) == 0.1 and opt.defaults["momentum"] == 0.9
+
+
 # ------------------------------------------------------------------ ZerothOrder
 def zo_estimate(method) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)

@@ -59,7 +59,7 @@ class OptState(NamedTuple):
 
         ``torch.save`` writes it and ``torch.load(path, weights_only=True)`` reads it back.
 
-        Example:
+        Examples:
             >>> torch.save(state.state_dict(), "opt_state.pt")
             >>> state = opt.init(params).load_state_dict(torch.load("opt_state.pt", weights_only=True))
         """
@@ -375,14 +375,23 @@ class Optimizer(abc.ABC):
         if not valid.holds(x):
             raise ValueError(self._out_of_range(label, k, repr(x), valid, ""))
 
-    def _check_tensor_values(self, where: str) -> None:
+    def _check_tensor_values(
+        self,
+        where: str,
+        defaults: Mapping[str, Any] | None = None,
+        groups: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """Check the values of every Tensor hyperparameter, elementwise, with one host sync per device.
 
         Runs at construction and in ``init()`` (once per training run: a meta-learned
-        value may have left its range since), never in ``update()``.
+        value may have left its range since), never in ``update()``. ``load_state_dict``
+        passes the values it is about to load as ``defaults`` and ``groups``.
         """
+        loading = defaults is not None
+        defaults = self.defaults if defaults is None else defaults
+        groups = self.groups if groups is None else groups
         items: list[tuple[str, str, Tensor, _Range]] = []
-        for prefix, hp in [("", self.defaults), *((f"groups[{i}].", g) for i, g in enumerate(self.groups))]:
+        for prefix, hp in [("", defaults), *((f"groups[{i}].", g) for i, g in enumerate(groups))]:
             for k, v in hp.items():
                 if k == "params" or k in _FLAGS:
                     continue
@@ -403,8 +412,16 @@ class Optimizer(abc.ABC):
                 if bool(ok.all()):  # the one sync for this device
                     continue
                 for (label, k, x, valid), good in zip(group, ok.tolist(), strict=True):
-                    if not good:
-                        raise ValueError(self._out_of_range(label, k, _tensor_value(x, valid), valid, where))
+                    if good:
+                        continue
+                    if loading:
+                        raise ValueError(
+                            _BAD_SAVED.format(
+                                where=f"{type(self).__name__}{where}", label=label, got=_tensor_value(x, valid),
+                                valid=valid,
+                            )
+                        )  # fmt: skip
+                    raise ValueError(self._out_of_range(label, k, _tensor_value(x, valid), valid, where))
 
     def _default(self, k: str) -> Any:
         parameter = inspect.signature(type(self).__init__).parameters.get(k)
@@ -754,7 +771,7 @@ class Optimizer(abc.ABC):
         hyperparameters (per-element ones, dict values and schedule values included) are saved
         detached. A ``Schedule`` of a function cannot be saved (it raises).
 
-        Example:
+        Examples:
             >>> torch.save({"opt": opt.state_dict(), "state": state.state_dict()}, "ckpt.pt")
             >>> ckpt = torch.load("ckpt.pt", weights_only=True)
             >>> opt.load_state_dict(ckpt["opt"]); state = opt.init(params).load_state_dict(ckpt["state"])
@@ -818,7 +835,10 @@ class Optimizer(abc.ABC):
             )
         pending: list[tuple[Tensor, Tensor]] = []
 
-        def load(cur: Any, saved: Any, label: str) -> Any:
+        # Everything is checked before anything is loaded: ``load`` returns each value as it will be
+        # (this optimizer's own Tensors, into which the saved ones are copied at the end) and the
+        # values to check (the saved Tensors themselves).
+        def load(cur: Any, saved: Any, label: str) -> tuple[Any, Any]:
             def mismatch() -> ValueError:
                 return ValueError(
                     f"{where}: {label} is {_kind(cur)} here but {_kind(saved)} in the state_dict. Construct the "
@@ -829,21 +849,28 @@ class Optimizer(abc.ABC):
             if isinstance(cur, tuple):
                 if not isinstance(saved, (tuple, list)) or len(saved) != len(cur):
                     raise mismatch()
-                return tuple(load(c, x, f"{label}[{i}]") for i, (c, x) in enumerate(zip(cur, saved, strict=True)))
+                pairs = [load(c, x, f"{label}[{i}]") for i, (c, x) in enumerate(zip(cur, saved, strict=True))]
+                return tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
             if isinstance(cur, Mapping):
                 per = saved.get("per_parameter") if isinstance(saved, Mapping) else None
                 if not isinstance(per, Mapping) or list(per) != list(cur):
                     raise mismatch()
-                return {n: load(c, per[n], f"{label}[{n!r}]") for n, c in cur.items()}
+                pairs = {n: load(c, per[n], f"{label}[{n!r}]") for n, c in cur.items()}
+                return {n: a for n, (a, _) in pairs.items()}, {n: b for n, (_, b) in pairs.items()}
             if isinstance(cur, Schedule):
                 values = saved.get("schedule") if isinstance(saved, Mapping) else None
                 if cur.values is None or not isinstance(values, Tensor):
                     raise mismatch()
-                load(cur.values, values, f"{label} (schedule)")
-                return cur
+                _, checked = load(cur.values, values, f"{label} (schedule)")
+                return cur, cur._with_values(checked)
             if isinstance(cur, Tensor):
                 if not isinstance(saved, Tensor) or saved.shape != cur.shape:
                     raise mismatch()
+                if not saved.is_floating_point():
+                    raise ValueError(
+                        f"{where}: {label} is {_describe(saved)} in the state_dict; a hyperparameter holds "
+                        f"floating-point values. Nothing was loaded: the optimizer is unchanged."
+                    )
                 if cur.requires_grad and not cur.is_leaf:
                     raise ValueError(
                         f"{where}: {label} is computed from other tensors (e.g. log_lr.exp()), so a value cannot "
@@ -851,32 +878,45 @@ class Optimizer(abc.ABC):
                         f"tensors it is computed from yourself."
                     )
                 pending.append((cur, saved))
-                return cur
+                return cur, saved
             if isinstance(saved, (Tensor, Mapping, tuple, list)) or isinstance(cur, bool) != isinstance(saved, bool):
                 raise mismatch()
-            return saved
+            return saved, saved
 
         saved_defaults = state_dict.get("defaults", {})
-        if set(saved_defaults) != set(self.defaults):
-            raise ValueError(
-                f"{where}: the saved hyperparameters are {sorted(saved_defaults)}, not {sorted(self.defaults)}."
-            )
-        defaults = {k: load(v, saved_defaults[k], k) for k, v in self.defaults.items()}
-        new_groups = []
+        if not isinstance(saved_defaults, Mapping) or set(saved_defaults) != set(self.defaults):
+            names = sorted(saved_defaults) if isinstance(saved_defaults, Mapping) else saved_defaults
+            raise ValueError(f"{where}: the saved hyperparameters are {names}, not {sorted(self.defaults)}.")
+        loaded = {k: load(v, saved_defaults[k], k) for k, v in self.defaults.items()}
+        defaults = {k: a for k, (a, _) in loaded.items()}
+        checked = {k: b for k, (_, b) in loaded.items()}
+        new_groups, checked_groups = [], []
         for i, (g, saved) in enumerate(zip(self.groups, groups, strict=True)):
             if set(saved) != set(g):
                 raise ValueError(f"{where}: groups[{i}] sets {sorted(saved)} in the state_dict but {sorted(g)} here.")
-            new_groups.append({k: v if k == "params" else load(v, saved[k], f"groups[{i}].{k}") for k, v in g.items()})
-        self._check(defaults, "")
-        for i, g in enumerate(new_groups):
-            self._check({k: v for k, v in g.items() if k != "params"}, f"groups[{i}].")
+            pairs = {k: (v, v) if k == "params" else load(v, saved[k], f"groups[{i}].{k}") for k, v in g.items()}
+            new_groups.append({k: a for k, (a, _) in pairs.items()})
+            checked_groups.append({k: b for k, (_, b) in pairs.items()})
+        try:
+            self._check(checked, "")
+            for i, g in enumerate(checked_groups):
+                self._check({k: v for k, v in g.items() if k != "params"}, f"groups[{i}].")
+        except (TypeError, ValueError) as err:
+            text = str(err).removeprefix(f"{cls}: ")
+            unchanged = "Nothing was loaded: the optimizer is unchanged."
+            raise type(err)(f"{where}: in the state_dict, {text} {unchanged}") from None
+        self._check_after_load(checked, checked_groups, where)
+        self._check_tensor_values(".load_state_dict", checked, checked_groups)
         with torch.no_grad():
             for cur, saved in pending:
                 cur.copy_(saved)
         self.defaults, self.groups = defaults, new_groups
         self._slots_of.clear()
         self._kind_of.clear()
-        self._check_tensor_values(".load_state_dict")
+
+    def _check_after_load(self, defaults: Mapping[str, Any], groups: Sequence[Mapping[str, Any]], where: str) -> None:
+        """Rules across hyperparameters that a subclass checks in its constructor (SGD's nesterov)."""
+        return None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
@@ -1035,6 +1075,10 @@ def _tensor_value(x: Tensor, valid: _Range) -> str:
     return f"a Tensor of shape {tuple(x.shape)} whose element {bad} is {_value_of(x[tuple(bad)])}"
 
 
+_BAD_SAVED = (
+    "{where}: the state_dict's {label} is {got}, but it must be {valid}. The checkpoint holds an invalid "
+    "value: save it again from a valid optimizer, or fix the entry. Nothing was loaded: the optimizer is unchanged."
+)
 _UNDERFLOW = (
     "{cls}.init: {label}={got} rounds to 0 in {dtype}, the dtype of parameter {name!r} (its smallest "
     "positive value is {tiny:.3g}), so the update would divide by an exact 0 wherever the second moment "

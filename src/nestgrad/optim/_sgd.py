@@ -35,7 +35,7 @@ class SGD(Optimizer):
             in the last bit, which only matters for bit-for-bit comparisons with such code.
         groups, foreach: see ``Optimizer``.
 
-    Example:
+    Examples:
         >>> opt = SGD(lr=torch.tensor(0.1, requires_grad=True), momentum=0.9)
         >>> state = opt.init(params)
         >>> params, state = opt.update(grads, state, params)
@@ -68,10 +68,14 @@ class SGD(Optimizer):
             nesterov=nesterov, maximize=maximize,
         )  # fmt: skip
         super().__init__(defaults, groups, foreach, unknown)
-        for hp in [self.defaults, *self.groups]:
-            hp = {**self.defaults, **hp}
+        self._check_after_load(self.defaults, self.groups, "SGD")
+
+    def _check_after_load(self, defaults: Mapping[str, Any], groups: Sequence[Mapping[str, Any]], where: str) -> None:
+        for hp in [defaults, *groups]:
+            hp = {**defaults, **hp}
             if hp["nesterov"] and (is_zero(hp["momentum"]) or not is_zero(hp["dampening"])):
-                raise ValueError("SGD: nesterov=True needs momentum > 0 and dampening == 0.")
+                loaded = " in the state_dict; nothing was loaded" if where != "SGD" else ""
+                raise ValueError(f"{where}: nesterov=True needs momentum > 0 and dampening == 0{loaded}.")
 
     def _init(self, p: Tensor, hp: dict[str, Any]) -> dict[str, Tensor]:
         return {} if is_zero(hp["momentum"]) else {"momentum_buffer": torch.zeros_like(p)}
