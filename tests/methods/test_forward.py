@@ -680,3 +680,41 @@ def test_batchnorm_buffers_advance_once_per_step_and_forward_mode_matches_unroll
         assert_close(got[k], ref[k], 1e-12)
     assert abs(g_ref) > 1e-3
     assert_close(g, g_ref)
+
+
+# ------------------------------------------------- tasks= with dropout
+def _tasks_with_dropout(method: ng.Method):
+    """Two tasks of an MLP with dropout, drawn independently per task (Tasks(randomness="different"))."""
+    model, X, y = mlp(dropout=0.3)
+    params = dict(model.named_parameters())
+    Xs, ys = X[:16].reshape(2, 8, 5), y[:16].reshape(2, 8)
+    A = torch.tensor(0.1, requires_grad=True)
+    lr = torch.tensor(0.2, requires_grad=True)
+
+    def loss_fn(p, batch, A):
+        x, y = batch
+        return F.cross_entropy(ng.call(model, p, x), y) + A * sum(v.square().sum() for v in p.values())
+
+    torch.manual_seed(3)
+    tasks = ng.Tasks(2, randomness="different")
+    trained = ng.train(loss_fn, params, ng.optim.SGD(lr=lr), [(Xs, ys)], steps=3, hparams=A, method=method, tasks=tasks)
+    outer = sum((v * torch.linspace(-1, 1, v.numel()).reshape(v.shape)).sum() for v in trained.values())
+    return torch.autograd.grad(outer, [A, lr])
+
+
+def test_forward_with_tasks_and_dropout_takes_its_fallback_and_equals_unroll():
+    """The vmap over the hparam directions refuses dropout; Tasks(randomness=...) governs the tasks' vmap only."""
+    method = Forward()
+    got = _tasks_with_dropout(method)
+    want = _tasks_with_dropout(ng.Unroll())
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, tol=1e-12)
+    run = method.last_run
+    assert run.path == "double-backward" and run.fallback_step == 0
+    assert "randomness" in run.reason and not run.reason.startswith("RuntimeError: nestgrad")
+
+
+def test_forward_mode_only_with_tasks_and_dropout_names_forward_mode():
+    with pytest.raises(RuntimeError, match=r"^nestgrad\.Forward\(mode='forward'\): forward-mode AD .* random ops") as e:
+        _tasks_with_dropout(Forward(mode="forward"))
+    assert "Pass ng.Tasks(2, randomness='different')" not in str(e.value)

@@ -184,7 +184,7 @@ class Forward(AdjointMethod):
             (which path ran, and why), e.g. ``runs.append``. ``Forward.last_run`` holds the
             latest one too.
 
-    Example:
+    Examples:
         >>> lr = torch.tensor(0.1, requires_grad=True)
         >>> method = nestgrad.Forward()
         >>> trained = nestgrad.train(loss_fn, params, nestgrad.optim.SGD(lr=lr, momentum=0.9),
@@ -423,11 +423,12 @@ def _forward_step(
     except (RuntimeError, NotImplementedError) as err:
         if is_out_of_memory(err):
             raise out_of_memory("Forward", f"at step {t} of {problem.steps} (chunk_size limits it)") from err
-        if str(err).startswith("nestgrad."):
+        cause = _transform_error(err)
+        if cause is None:
             raise
         if record.mode == "forward":
-            raise RuntimeError(_NO_FORWARD_MODE.format(t=t, error=str(err).splitlines()[0])) from err
-        record.fall_back(t, err)
+            raise RuntimeError(_NO_FORWARD_MODE.format(t=t, error=str(cause).splitlines()[0])) from err
+        record.fall_back(t, cause)
         with replay_rng(before):
             _, _, dp, ds = _step(replay, t, params, state, dp, ds, wanted, count, chunk)
         record.double_backward_steps += 1
@@ -437,6 +438,23 @@ def _forward_step(
     record.forward_steps += 1
     n = len(params)
     return new_p, new_s, tangents[:n], tangents[n:]
+
+
+def _transform_error(err: BaseException) -> BaseException | None:
+    """The error of torch.func behind ``err``, raised by the forward-mode evaluation; ``None`` for nestgrad's own.
+
+    The training step ran ``loss_fn`` just before without error, so what fails here is the transform.
+    nestgrad's translations of such an error keep it as ``__cause__``: ``tasks=`` says what a vmap over the
+    tasks refused, e.g. a random op, which here is the vmap over the directions refusing it (also under
+    ``Tasks(randomness="different")``, which governs the tasks' vmap only). A nestgrad error without a
+    torch cause is about the run itself and propagates.
+    """
+    if not str(err).startswith("nestgrad."):
+        return err
+    cause = err.__cause__
+    if isinstance(cause, (RuntimeError, NotImplementedError)) and not str(cause).startswith("nestgrad."):
+        return cause
+    return None
 
 
 def _check_same_point(t: int, loss: Tensor, jvp_loss: Tensor) -> None:
