@@ -127,7 +127,7 @@ def call(module: nn.Module, params: Mapping[str, Tensor], /, *args: Any, **kwarg
         ValueError: a tensor whose shape differs from the module's, or different
             tensors for names that are tied in the module.
 
-    Example:
+    Examples:
         >>> params = {k: v * 2 for k, v in model.named_parameters()}
         >>> out = nestgrad.call(model, params, x)
     """

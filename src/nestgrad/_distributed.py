@@ -368,7 +368,7 @@ def mean(x: Tensor, group: Any = None) -> Tensor:
     outer loss over an equal-sized validation shard, the hypergradients are those of the mean over
     all validation examples, exactly as one process on the concatenated data computes them.
 
-    Example:
+    Examples:
         >>> val = ng.distributed.mean(F.cross_entropy(ng.call(model, trained, x_val_r), y_val_r))
         >>> val.backward()
     """

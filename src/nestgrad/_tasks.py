@@ -133,7 +133,7 @@ class Tasks:
     ``torch.clamp``). To continue from the stacked weights a run returned, pass
     ``Tasks(n, params=0)``.
 
-    Example:
+    Examples:
         >>> # MAML: 25 tasks, shared initial weights, 5 inner steps, one meta-gradient.
         >>> fast = ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.01),
         ...                 [(x_support, y_support)], steps=5, tasks=25)  # x_support: (25, K, 1)

@@ -97,7 +97,7 @@ def train(
     with batch statistics). Buffers not passed in ``params`` are discarded at
     the end, with a warning if they changed.
 
-    Example:
+    Examples:
         >>> def loss_fn(p, batch, A):
         ...     x, y = batch
         ...     losses = F.cross_entropy(nestgrad.call(model, p, x), y, reduction="none")

@@ -418,7 +418,7 @@ def check(
     Returns:
         A ``CheckResult``; ``print`` it for a table, test ``result.passed``.
 
-    Example:
+    Examples:
         >>> torch.set_default_dtype(torch.float64)
         >>> def val_loss(A):
         ...     trained = nestgrad.train(loss_fn, params, nestgrad.optim.SGD(lr=0.1), data, steps=20, hparams=A)

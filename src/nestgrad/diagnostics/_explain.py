@@ -55,7 +55,7 @@ is not tracked, 1.5x to 1.85x. Medians of 7 runs, several repeats. The check
 455-node graph (a 6-layer transformer encoder) that does not reach the hparams,
 less when it does (it stops at the first hparam it finds).
 
-Example:
+Examples:
     >>> def outer(A):
     ...     trained = nestgrad.train(loss_fn, params, nestgrad.optim.SGD(lr=0.1), data, steps=20, hparams=A)
     ...     return F.cross_entropy(nestgrad.call(model, trained, x_val), y_val)
@@ -441,7 +441,7 @@ class Tracker:
     Use ``tracking()`` to make one, as a context manager; then ``report()``
     on the loss computed inside the block. Trackers are single-use.
 
-    Example:
+    Examples:
         >>> with nestgrad.tracking(A) as tracker:
         ...     loss = outer_loss(A)
         >>> report = tracker.report(loss)
@@ -801,7 +801,7 @@ def tracking(hparams: Any) -> Tracker:
     Args:
         hparams: a Tensor or a tuple/list/dict of Tensors (those to explain the path from).
 
-    Example:
+    Examples:
         >>> with nestgrad.tracking(A) as tracker:
         ...     trained = nestgrad.train(loss_fn, params, opt, data, steps=20, hparams=A)
         ...     val = F.cross_entropy(nestgrad.call(model, trained, x_val), y_val)
@@ -841,7 +841,7 @@ def explain(fn: Callable[[Any], Tensor], hparams: Any) -> PathReport:
             the gradient ignores part of their effect. Comparisons (masks) and
             cuts made by nestgrad itself do not warn.
 
-    Example:
+    Examples:
         >>> def outer(A):
         ...     trained = nestgrad.train(loss_fn, params, opt, data, steps=20, hparams=A)
         ...     return F.cross_entropy(nestgrad.call(model, trained, x_val), y_val)

@@ -169,7 +169,7 @@ def innerloop_ctx(
     Yields:
         ``(fmodel, diffopt)``: the functional model and a ``DifferentiableOptimizer``.
 
-    Example:
+    Examples:
         >>> lr = torch.tensor(0.1, requires_grad=True)
         >>> with innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1),
         ...                    override={"lr": [lr]}) as (fmodel, diffopt):

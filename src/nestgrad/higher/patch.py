@@ -582,7 +582,7 @@ def monkeypatch(
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.
 
-    Example:
+    Examples:
         >>> fmodel = monkeypatch(model)
         >>> grads = torch.autograd.grad(loss_fn(fmodel(x)), fmodel.parameters(), create_graph=True)
         >>> fmodel.update_params([p - 0.1 * g for p, g in zip(fmodel.parameters(), grads)])

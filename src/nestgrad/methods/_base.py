@@ -299,7 +299,7 @@ class Unroll(Method):
             ones run as plain first-order training and are treated as constants
             (truncated backpropagation). ``None`` differentiates every step.
 
-    Example:
+    Examples:
         >>> trained = nestgrad.train(loss_fn, params, opt, data, steps=100,
         ...                          hparams=A, method=nestgrad.Unroll(truncate=20))
     """

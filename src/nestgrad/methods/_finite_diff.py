@@ -65,7 +65,7 @@ class FiniteDiff(AdjointMethod):
             (DARTS uses 0.01). Too large: truncation error; too small (below about
             1e-3 in float32): round-off.
 
-    Example:
+    Examples:
         >>> w = ng.train(train_loss, params, ng.optim.SGD(lr=0.025), [batch], steps=1,
         ...              hparams=alpha, method=ng.FiniteDiff(eps=0.01))
         >>> (d_alpha,) = torch.autograd.grad(val_loss(w), alpha)

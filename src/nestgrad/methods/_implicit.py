@@ -109,7 +109,7 @@ class Implicit(AdjointMethod):
             one tensor per trained weight the condition uses (then, for
             ``FixedPoint``, one per optimizer state slot).
 
-    Example:
+    Examples:
         >>> trained = nestgrad.train(loss_fn, params, nestgrad.optim.SGD(lr=0.1), data, steps=2000,
         ...                          hparams=log_l2, method=nestgrad.Implicit(nestgrad.CG(max_steps=50)))
         >>> val_loss(trained).backward()  # log_l2.grad: the hypergradient at the optimum

@@ -48,7 +48,7 @@ class Reverse(AdjointMethod):
         checkpoint_every: store the trajectory every ``k`` steps only and recompute
             the steps in between during the backward pass. ``None`` stores every step.
 
-    Example:
+    Examples:
         >>> trained = nestgrad.train(loss_fn, params, opt, data, steps=1000, hparams=A,
         ...                          method=nestgrad.Reverse(checkpoint_every=32))
     """

@@ -175,7 +175,7 @@ class CG(LinearSolver):
         max_steps: iteration limit (each iteration is one ``matvec``).
         tol: relative residual to reach, ``\|b - Ax\| \le \mathrm{tol}\,\|b\|``.
 
-    Example:
+    Examples:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
         >>> sol = nestgrad.CG(max_steps=10, tol=1e-10)(lambda x: A @ x, torch.tensor([1.0, 2.0]))
         >>> sol.value, sol.steps, sol.converged
@@ -270,7 +270,7 @@ class Neumann(LinearSolver):
             converged only then. ``None`` always sums ``steps`` terms and counts the solve as
             converged unless the series diverged (residual above ``\|b\|``).
 
-    Example:
+    Examples:
         >>> sol = nestgrad.Neumann(steps=50, alpha=0.2)(lambda x: A @ x, b)
 
     When to use: a fixed, small budget of Hessian-vector products, or when CG reports that
@@ -327,7 +327,7 @@ class FixedPoint(LinearSolver):
         max_steps: iteration limit (each iteration is one ``matvec``).
         tol: relative residual to reach, ``\|b - Ax\| \le \mathrm{tol}\,\|b\|``.
 
-    Example:
+    Examples:
         >>> sol = nestgrad.FixedPoint(max_steps=500, tol=1e-8)(lambda x: A @ x, b)
 
     When to use: with ``nestgrad.Implicit`` when the optimizer's fixed point is not a

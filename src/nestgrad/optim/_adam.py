@@ -73,7 +73,7 @@ class Adam(Optimizer):
         {eps_root}
         maximize, groups, foreach: see ``Optimizer``.
 
-    Example:
+    Examples:
         >>> lr = torch.tensor(1e-3, requires_grad=True)
         >>> opt = Adam(lr=lr, betas=(0.9, 0.999), eps_root=1e-16)
 

@@ -28,7 +28,7 @@ class Schedule:
     instead, e.g. ``Schedule(lr0 * 0.9 ** torch.arange(steps))``). A function
     cannot be saved in a ``state_dict``.
 
-    Example:
+    Examples:
         >>> lrs = torch.full((100,), 0.1, requires_grad=True)   # one lr per step
         >>> opt = nestgrad.optim.SGD(lr=Schedule(lrs), momentum=0.9)
         >>> cosine = Schedule(lambda t: 0.05 * (1 + math.cos(math.pi * t / 100)))
