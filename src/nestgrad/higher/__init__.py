@@ -51,6 +51,11 @@ Differences from ``higher``
   computes ``torch.add(p, g, alpha=-lr)``, rounded once (FMA), which differs in the last bit and,
   in float32 through BatchNorm, can drift past ``higher``'s own tolerances over an unroll. For
   ``torch.optim.SGD``'s rounding, pass ``nestgrad.optim.SGD(lr=...)`` as the optimizer.
+* **state_dict.** ``fmodel.state_dict()`` holds the latest fast weights and the buffer copies,
+  with ``higher``'s keys. ``fmodel.load_state_dict()`` checks every key and shape before it
+  loads anything (``higher`` copies the keys before a bad one) and appends the loaded values as
+  a new version of the fast weights, detached copies (``higher`` writes into the current ones in
+  place); ``assign=True`` uses the given tensors, graph included.
 * **Loud errors.** An unsupported optimizer raises an error that is both a ``TypeError`` and
   a ``ValueError`` (``higher`` raises ``ValueError``); an ``override`` of a hyperparameter the
   optimizer does not have, a hyperparameter out of range, a non-scalar loss, a wrong number of

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 from torch.nn.parameter import is_lazy
 
 from .._attention import AttentionUse, attention
@@ -25,6 +27,14 @@ from .._call import call
 __all__ = ["FunctionalModel", "FunctionalSubmodule", "buffer_sync", "make_functional", "monkeypatch"]
 
 Device = torch.device | str | None
+
+_LOAD = "nestgrad.higher: {cls}.load_state_dict: {what} Nothing was loaded."
+
+_NOT_HELD = (
+    "{keys} of the state_dict belong to the wrapped module itself (extra state or a state_dict hook), not "
+    "to the functional model, which holds only fast weights and buffer copies; load them into the module "
+    "(fmodel.module.load_state_dict(..., strict=False))."
+)
 
 
 def _copy(t: Tensor, device: Device, like: Tensor | None = None) -> Tensor:
@@ -174,6 +184,134 @@ class _Functional(nn.Module):
     def buffers(self, recurse: bool = True) -> list[Tensor]:  # type: ignore[override]
         """This functional model's own copies of the module's buffers."""
         return [b for _, b in self.named_buffers()]
+
+    # ------------------------------------------------------------ state dicts
+    def _entries(self) -> list[tuple[str, str, Any]]:
+        """``(key, kind, where)`` for each key of ``self.module.state_dict()``, in its order.
+
+        ``kind`` is ``"param"`` (``where``: the index in the root's fast weights), ``"buffer"``
+        (``where``: the buffer's name in the root's module) or ``"other"`` (extra state, or a
+        key a state_dict hook added: the module's own).
+        """
+        index = self._root._param_index()
+        params = {n: index[id(p)] for n, p in self.module.named_parameters(remove_duplicate=False)}
+        canonical = {id(b): n for n, b in self._root.module.named_buffers()}
+        buffers = {n: canonical[id(b)] for n, b in self.module.named_buffers(remove_duplicate=False)}
+        out: list[tuple[str, str, Any]] = []
+        for key in self.module.state_dict(keep_vars=True):
+            if key in params:
+                out.append((key, "param", params[key]))
+            elif key in buffers:
+                out.append((key, "buffer", buffers[key]))
+            else:
+                out.append((key, "other", None))
+        return out
+
+    def _entry_value(self, kind: str, where: Any, key: str, fast: Sequence[Tensor]) -> Any:
+        if kind == "param":
+            return fast[where]
+        if kind == "buffer":
+            own = self._root._buffers.get(where)
+            return own if own is not None else self._root.module.get_buffer(where)
+        return self.module.state_dict(keep_vars=True)[key]
+
+    def state_dict(  # type: ignore[override]
+        self, *, destination: dict[str, Any] | None = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The module's state_dict with the current fast weights and buffer copies (as ``higher``'s).
+
+        Keys and order are those of ``self.module.state_dict()``; parameters hold the latest fast
+        weights (``fmodel.parameters()``), buffers this functional model's copies. Values are
+        detached unless ``keep_vars=True``, which returns the fast weights themselves, with
+        their graph. Before any fast weights exist (``make_functional``) this raises.
+        """
+        out: dict[str, Any] = OrderedDict() if destination is None else destination
+        fast = self._weights()
+        for key, kind, where in self._entries():
+            value = self._entry_value(kind, where, key, fast)
+            out[prefix + key] = value if keep_vars or not isinstance(value, Tensor) else value.detach()
+        return out
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Make a state_dict's weights the current fast weights, and its buffers the buffer copies.
+
+        As ``nn.Module.load_state_dict`` on ``higher``'s functional model: keys are those of
+        ``state_dict()``; ``strict=True`` raises on missing or unexpected keys. Everything is
+        checked first (keys, shapes, tied weights given two values), then loaded, so a failed call
+        loads nothing. The loaded weights become a new version of the fast weights
+        (``parameters(time=-1)``; ``higher`` writes into the current ones in place): detached copies
+        with the current fast weights' dtype, device and ``requires_grad``, so inner steps continue
+        from them, and gradients do not flow into ``state_dict``'s tensors. With ``assign=True``
+        the given tensors themselves become the fast weights (and buffers), graph included.
+        The wrapped module is never changed.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)``, as ``nn.Module.load_state_dict``.
+        """
+        cls = self._get_name()
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                _LOAD.format(cls=cls, what=f"expected a dict of name -> Tensor; got {type(state_dict).__name__}.")
+            )
+        fast = list(self._weights())
+        entries = self._entries()
+        expected = {key for key, _, _ in entries}
+        missing = [key for key, kind, _ in entries if key not in state_dict and kind != "other"]
+        unexpected = [key for key in state_dict if key not in expected]
+        if strict and (missing or unexpected):
+            parts = [
+                f"missing keys {missing}" if missing else "",
+                f"unexpected keys {unexpected}" if unexpected else "",
+            ]
+            raise RuntimeError(
+                _LOAD.format(
+                    cls=cls,
+                    what=f"{' and '.join(p for p in parts if p)} (it has keys like {sorted(expected)[:4]}). Pass "
+                    f"strict=False to load the keys that match.",
+                )
+            )
+        other = [key for key, kind, _ in entries if kind == "other" and key in state_dict]
+        if other:
+            raise RuntimeError(_LOAD.format(cls=cls, what=_NOT_HELD.format(keys=other)))
+        problems: list[str] = []
+        loads: list[tuple[str, Any, Tensor, Tensor]] = []
+        given_for: dict[Any, tuple[str, Tensor]] = {}
+        for key, kind, where in entries:
+            if key not in state_dict:
+                continue
+            value, current = state_dict[key], self._entry_value(kind, where, key, fast)
+            if not isinstance(value, Tensor):
+                problems.append(f"{key!r} is {type(value).__name__}, not a Tensor")
+            elif value.shape != current.shape:
+                problems.append(
+                    f"{key!r} has shape {tuple(value.shape)}, but the fast weight or buffer has shape "
+                    f"{tuple(current.shape)}"
+                )
+            else:
+                if kind == "param":
+                    seen = given_for.setdefault(where, (key, value))
+                    if seen[1] is not value and not torch.equal(seen[1].detach().to(value), value.detach()):
+                        problems.append(
+                            f"{seen[0]!r} and {key!r} are one tied weight, but the state_dict gives them "
+                            f"different values"
+                        )
+                loads.append((kind, where, value, current))
+        if problems:
+            raise RuntimeError(_LOAD.format(cls=cls, what="; ".join(problems) + "."))
+        for kind, where, value, current in loads:
+            if assign:
+                new = value
+            else:
+                new = value.detach().to(dtype=current.dtype, device=current.device, copy=True)
+            if kind == "param":
+                fast[where] = new if assign else new.requires_grad_(current.requires_grad)
+            else:
+                self._root._buffers[where] = new
+        if any(kind == "param" for kind, *_ in loads):
+            self._root.update_params(fast)
+        return _IncompatibleKeys(missing, unexpected)
 
     def _own_index(self, name: str) -> int | None:
         p = self.module._parameters.get(name)
