@@ -88,3 +88,11 @@ def test_import_nestgrad_and_the_cli_help_do_not_load_torch():
     code = "import sys, nestgrad; from nestgrad.demos import _cli; _cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_dir_lists_the_public_api_only() -> None:
+    import nestgrad
+
+    private = [n for n in dir(nestgrad) if not n.startswith("__") and n not in nestgrad.__all__]
+    assert not private, f"dir(nestgrad) lists names outside the public API: {private}"
+    assert {"train", "Unroll", "optim", "higher"} <= set(dir(nestgrad))

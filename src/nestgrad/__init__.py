@@ -72,7 +72,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    """The public API and the module's dunders; not the helpers this file imports (``importlib``, ``Any``)."""
+    return sorted([*__all__, *(k for k in globals() if k.startswith("__") and k.endswith("__"))])
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
