@@ -254,3 +254,15 @@ def test_stacked_weights_in_a_hand_written_loss_raise_the_same_hint():
     with pytest.raises(RuntimeError, match=r"params \['w'\] look like stacked per-task weights") as info:
         ng.train(loss_fn, w, ng.optim.SGD(lr=0.1), [(xs, ys)], steps=STEPS, tasks=N)
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_an_unrelated_error_is_not_blamed_on_stacking():
+    """Shared weights of which only some start with n: loss_fn's own error comes through unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, N), nn.Linear(N, 2)).double()  # '0.*' lead with N=3, '1.weight' with 2
+
+    def loss_fn(p, batch, _):
+        raise ValueError("my own bug")
+
+    with pytest.raises(ValueError, match=r"^my own bug$"):
+        ng.train(loss_fn, fresh(model), ng.optim.SGD(lr=0.1), [data()], steps=STEPS, tasks=N)

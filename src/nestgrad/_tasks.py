@@ -327,20 +327,23 @@ def vectorise(
 
 
 def _stacked_shared(tasks: Tasks, params: Mapping[str, Tensor], param_dims: Mapping[str, int | None]) -> list[str]:
-    """Names of weights given as shared (``Tasks(params=None)``) whose own leading size is ``n``.
+    """Names of the weights given as shared (``Tasks(params=None)``), if every one has leading size ``n``.
 
     ``params`` are the tensors the vectorised loss received: shared trainable weights were
-    expanded to ``(n, *shape)`` (their ``param_dims`` is 0), frozen ones kept their shape.
+    expanded to ``(n, *shape)`` (their ``param_dims`` is 0), frozen ones kept their shape. Stacked
+    weights passed again all have the task dimension; a model whose weights happen to start
+    with ``n`` rarely has it in every one, so the hint is given only then.
     """
     spec = tasks.params
-    out = []
+    shared, out = 0, []
     for k, v in params.items():
         if (spec.get(k) if isinstance(spec, Mapping) else spec) is not None:
             continue
+        shared += 1
         own = v.shape[1:] if param_dims.get(k, 0) == 0 else v.shape
         if len(own) >= 1 and own[0] == tasks.n:
             out.append(k)
-    return out
+    return out if out and len(out) == shared else []
 
 
 def nonfinite_tasks(loss_fn: Callable[..., Tensor]) -> str:
