@@ -264,14 +264,121 @@ def run_misuse(world: int, rank: int) -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------- agreement
+def run_agreement(world: int, rank: int) -> dict[str, str]:
+    """Ranks that differ in one setting each: every rank must raise (and stay in step for the next case)."""
+    d = dataset()
+    net = model("mlp")
+    x, y = shard(d["x"], world, rank), shard(d["y"], world, rank)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+
+    def loss_fn(p: dict[str, Tensor], batch: Any, h: Any) -> Tensor:
+        xb, yb = batch
+        out = ng.call(net, p, xb)
+        return F.mse_loss(out * h if isinstance(h, Tensor) else out, yb)
+
+    def train(opt: Any = None, **kw: Any) -> Any:
+        args = {"params": params, "data": [(x, y)], "steps": 2, "method": ng.Unroll()} | kw
+        par = args.pop("parallel", ng.DataParallel())
+        return ng.train(
+            loss_fn, args.pop("params"), opt or ng.optim.SGD(lr=0.1), args.pop("data"), parallel=par, **args
+        )
+
+    r = rank
+    ones = torch.ones(2, dtype=torch.float64)
+    warm = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1, momentum=0.9), [(x, y)], steps=2, return_state=True)
+    out = {
+        "lr": _error(lambda: train(ng.optim.SGD(lr=0.1 if r == 0 else 0.2))),
+        "betas": _error(lambda: train(ng.optim.Adam(lr=0.1, betas=(0.9, 0.999 if r == 0 else 0.99)))),
+        "nesterov": _error(lambda: train(ng.optim.SGD(lr=0.1, momentum=0.9, nesterov=r == 1))),
+        "foreach": _error(lambda: train(ng.optim.SGD(lr=0.1, foreach=r == 0))),
+        "lr_tensor": _error(lambda: train(ng.optim.SGD(lr=torch.tensor(0.1 if r == 0 else 0.2, dtype=torch.float64)))),
+        "groups": _error(lambda: train(ng.optim.SGD(lr=0.1, groups=[{"params": ["0.*"], "lr": 0.05}] if r else None))),
+        "group_lr": _error(lambda: train(ng.optim.SGD(lr=0.1, groups=[{"params": ["0.*"], "lr": 0.05 * (r + 1)}]))),
+        "schedule_fn": _error(lambda: train(ng.optim.SGD(lr=ng.optim.Schedule(lambda t: 0.1 / (t + r))))),
+        "schedule_values": _error(lambda: train(ng.optim.SGD(lr=ng.optim.Schedule(ones * 0.1 * (r + 1))))),
+        "state": _error(  # each rank warmed up on its own shard: the momentum buffers differ
+            lambda: train(ng.optim.SGD(lr=0.1, momentum=0.9), state=warm[1])
+        ),
+        "state_steps": _error(
+            lambda: train(
+                ng.optim.SGD(lr=0.1, momentum=0.9),
+                state=warm[1]._replace(step={k: 2 + r for k in warm[1].step}, slots=_same_slots(warm[1])),
+            )
+        ),
+        "bucket_mb": _error(lambda: train(parallel=ng.DataParallel(bucket_mb=25.0 if r == 0 else 1e-5))),
+        "reduce": _error(lambda: train(parallel=ng.DataParallel(reduce="mean" if r == 0 else "sum"))),
+        "shard_hparams": _error(
+            lambda: train(hparams=torch.ones(1, dtype=torch.float64), parallel=ng.DataParallel(shard_hparams=r == 1))
+        ),
+        "checkpoint_every": _error(lambda: train(method=ng.Reverse(checkpoint_every=None if r == 0 else 1))),
+        "solver": _error(lambda: train(method=ng.Implicit(ng.CG(max_steps=5 + r)))),
+        "zo_unseeded": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1))),
+        "zo_seed": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1, seed=r))),
+        "zo_samples": _error(lambda: train(method=ng.ZerothOrder(samples=1 + r, sigma=0.1, seed=0))),
+        "check_finite": _error(lambda: train(check_finite=r == 0)),
+        "return_state": _error(lambda: train(return_state=r == 1)),
+        "tasks": _error(lambda: train(tasks=2 if r == 1 else None)),
+        "frozen": _error(lambda: train(params={**params, "scale": torch.full((1,), 1.0 + r, dtype=torch.float64)})),
+        "params_bits": _error(  # one element one ulp apart: float sums could miss it, the bits do not
+            lambda: train(
+                params={
+                    **params,
+                    "0.bias": params["0.bias"].detach().clone().requires_grad_()
+                    if r == 0
+                    else _one_ulp(params["0.bias"]),
+                }
+            )
+        ),
+    }
+    out["after"] = _error(lambda: train())  # the ranks are still in step
+
+    # A NaN in rank 1's batch at step 1: rank 1 names its own loss, rank 0 says the gradient came from rank 1.
+    xn = x.clone()
+    if rank == 1:
+        xn[0, 0] = float("nan")
+    out["nan"] = _error(lambda: train(data=[(x, y), (xn, y)], steps=3))
+    out["after_nan"] = _error(lambda: train())
+    return out
+
+
+def _same_slots(state: Any) -> dict[str, dict[str, Tensor]]:
+    return {slot: {n: torch.zeros_like(t) for n, t in v.items()} for slot, v in state.slots.items()}
+
+
+def _one_ulp(t: Tensor) -> Tensor:
+    u = t.detach().clone()
+    u[0] = torch.nextafter(u[0], torch.tensor(float("inf"), dtype=u.dtype))
+    return u.requires_grad_()
+
+
+def run_failing_data(world: int, rank: int) -> dict[str, str]:
+    """Rank 1's data function raises at step 3; rank 0 waits for it in the all-reduce of step 3."""
+    d = dataset()
+    net = model("mlp")
+    x, y = shard(d["x"], world, rank), shard(d["y"], world, rank)
+    params = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+
+    def data(t: int) -> Any:
+        if rank == 1 and t == 3:
+            raise RuntimeError(f"the loader of rank 1 cannot read shard file part-{t}.bin")
+        return x, y
+
+    def loss_fn(p: dict[str, Tensor], batch: Any, h: Any) -> Tensor:
+        return F.mse_loss(ng.call(net, p, batch[0]), batch[1])
+
+    message = _error(lambda: ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), data, steps=6, parallel=ng.DataParallel()))
+    return {"message": message}
+
+
 # ------------------------------------------------------------------------------------------------- worker
-def worker(rank: int, world: int, store: str, outdir: str, jobs: list[str]) -> None:
+def worker(rank: int, world: int, store: str, outdir: str, jobs: list[str], seconds: float = 60.0) -> None:
     """One rank: run ``jobs`` and save the results to ``outdir/rank{rank}.pt`` (errors included)."""
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=seconds)
     )
     results: dict[str, Any] = {}
     try:
@@ -289,6 +396,10 @@ def worker(rank: int, world: int, store: str, outdir: str, jobs: list[str]) -> N
                 results[job] = run_replicated_outside(world, rank)
             elif kind == "misuse":
                 results[job] = run_misuse(world, rank)
+            elif kind == "agreement":
+                results[job] = run_agreement(world, rank)
+            elif kind == "failing_data":  # the last job: rank 1's group is out of step afterwards
+                results[job] = run_failing_data(world, rank)
             elif kind == "fail" and rank == int(arg):
                 raise RuntimeError("this rank fails on purpose")
             elif kind == "fail":
@@ -299,3 +410,39 @@ def worker(rank: int, world: int, store: str, outdir: str, jobs: list[str]) -> N
         raise
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+_SPAWNED: list[Any] = []  # the processes of every spawn, to check that none outlives its test
+
+
+def spawn(
+    world: int, jobs: list[str], folder: Any, timeout: float = 150.0, seconds: float = 60.0
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` on ``world`` spawned ranks (``seconds``: the collectives' timeout); return each rank's
+    results. Kills every rank on any failure, and when ``timeout`` passes."""
+    import time
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(
+        worker,
+        args=(world, str(folder / "store"), str(folder), jobs, seconds),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    _SPAWNED.extend(ctx.processes)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish {jobs} within {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -24,31 +24,8 @@ pytestmark = pytest.mark.skipif(
 
 TWO_RANKS = [f"method:{m}" for m in cases.METHODS] + ["sum:Unroll", "pipeline", "seed", "outside", "misuse"]
 THREE_RANKS = [f"method:{m}" for m in cases.METHODS]
-_SPAWNED: list[Any] = []  # the processes of every spawn, to check that none outlives its test
-
-
-def spawn(world: int, jobs: list[str], folder: Path, timeout: float = 150.0) -> list[dict[str, Any]]:
-    """Run ``jobs`` on ``world`` spawned ranks; return each rank's results. Kills every rank on any failure."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(
-        cases.worker,
-        args=(world, str(folder / "store"), str(folder), jobs),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    _SPAWNED.extend(ctx.processes)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {world} ranks did not finish {jobs} within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
+_SPAWNED = cases._SPAWNED  # the processes of every spawn, to check that none outlives its test
+spawn = cases.spawn
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,20 @@ examples this rank holds) receives its own part of it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from ._nonfinite import _OPT_OUT, NonFiniteError, _names, _what, bad_names, training_error
 from .optim._base import Optimizer, OptState
+from .optim._schedule import Schedule
 
 _F = torch._C._functorch
 
@@ -41,17 +44,72 @@ _NOT_INITIALIZED = (
 )
 
 _DISAGREE = (
-    "nestgrad.train(parallel=DataParallel(...)): the ranks disagree on {what}: {values}. Every rank must call "
-    "ng.train with the same steps, method, optimizer, params (names, shapes, dtypes, requires_grad), the same "
-    "structure of hparams and the same shard_hparams; only the data and the sharded hparams' leading dimension "
-    "differ between ranks."
+    "nestgrad.train(parallel=DataParallel(...)): the ranks disagree on {what}. Every rank must call ng.train "
+    "with the same steps, method (and its settings), optimizer (every hyperparameter, group and schedule), "
+    "DataParallel settings (reduce, bucket_mb, shard_hparams), check_finite and return_state, the same params "
+    "(names, shapes, dtypes, requires_grad) and the same structure of hparams and state; only the data and the "
+    "sharded hparams' leading dimension differ between ranks. Every rank raises this error."
 )
 
 _VALUES = (
-    "nestgrad.train(parallel=DataParallel(...)): {what} has different values on different ranks (ranks {ranks} "
-    "differ from rank 0). Replicated inputs must be identical on every rank, or the ranks would train different "
-    "models: create them from the same seed on every rank (torch.manual_seed before building the model), or "
-    "broadcast them from rank 0 (torch.distributed.broadcast). Per-rank values belong in shard_hparams."
+    "nestgrad.train(parallel=DataParallel(...)): {what} {has} different values on different ranks ({shown}). "
+    "Replicated inputs (params, frozen weights, buffers, hparams not in shard_hparams, the optimizer's Tensor "
+    "hyperparameters and the given state=) must be identical on every rank, or the ranks would train different "
+    "models: create them from the same seed on every rank (torch.manual_seed before building the model), load "
+    "the same checkpoint, or broadcast them from rank 0 (torch.distributed.broadcast); buffers or a state that "
+    "each rank updated on its own shard must be averaged or broadcast first. Per-rank values belong in "
+    "shard_hparams. Every rank raises this error."
+)
+
+_UNSEEDED = (
+    "nestgrad.train(parallel=DataParallel(...)): ZerothOrder draws its random directions from its own generator, "
+    "and {which} ZerothOrder without a seed, so each rank would perturb the hparams along other directions and "
+    "the ranks would estimate different hypergradients. Pass ng.ZerothOrder(..., seed=...) with the same seed "
+    "on every rank (e.g. seed=0). Every rank raises this error."
+)
+
+_GENERATOR = (
+    "nestgrad.train(parallel=DataParallel(...)): the ZerothOrder methods have the same seed on every rank but "
+    "their direction generators are in different states (ranks {ranks} differ from rank 0): the same method "
+    "object was used a different number of times on some ranks. Make the same calls with it on every rank, or "
+    "create a fresh ng.ZerothOrder(..., seed=...) for this run. Every rank raises this error."
+)
+
+_PEER_FAILED = (
+    "nestgrad.train(parallel=DataParallel(...)): rank {rank} of {world} failed{where}: {cause} This rank "
+    "({me}) stops too: it was waiting for rank {rank} in {what}, which cannot complete. The cause is rank "
+    "{rank}'s error (its traceback is in rank {rank}'s output). (The transport said: {raw})"
+)
+
+_PEER_UNKNOWN = (
+    "nestgrad.train(parallel=DataParallel(...)): a collective of this data-parallel run failed on rank {me} of "
+    "{world}, in {what}: another rank crashed, raised outside nestgrad (e.g. in the outer loss or between "
+    "calls), stopped calling the same collectives, or did not answer within the process group's timeout "
+    "({timeout}). No rank left a message for this run: look at the other ranks' output for the first error "
+    "(the rank that failed first), and check that every rank makes the same ng.train calls. (The transport "
+    "said: {raw})"
+)
+
+_NONFINITE_PEER = (
+    "nestgrad.train ({method}): at step {t} of {steps}{late} on rank {me} of {world}, the gradient all-reduced "
+    "across the ranks is not finite ({bad}), but this rank's own loss ({loss:.6g}) and gradient are finite: "
+    "the non-finite values came from {culprits}. Look at {their} error, which names what went wrong there, "
+    "and at {their} batch of step {t} (a NaN or inf in the data, a label out of range). Every rank raises at "
+    "this step. " + _OPT_OUT
+)
+
+_NONFINITE_SUM = (
+    "nestgrad.train ({method}): at step {t} of {steps}{late} on rank {me} of {world}, the gradient all-reduced "
+    "across the ranks is not finite ({bad}), although every rank's own loss and gradient are finite: their "
+    "{reduce} overflowed the dtype. Lower the learning rate (the weights may be diverging), scale the loss "
+    "down, or train in a wider dtype. Every rank raises at this step. " + _OPT_OUT
+)
+
+_NONFINITE_UNKNOWN = (
+    "nestgrad.train ({method}): at step {t} of {steps}{late} on rank {me} of {world}, the gradient all-reduced "
+    "across the ranks is not finite ({bad}), but this rank's own loss ({loss:.6g}) and gradient are finite: the "
+    "non-finite values came from another rank; ranks {silent} did not say within {wait:g} s which of them. Look "
+    "at the other ranks' errors and at their batches of step {t}. " + _OPT_OUT
 )
 
 _RANK_FAILED = (
@@ -78,9 +136,9 @@ _MEAN_INPUT = (
     "tensors it was computed from instead."
 )
 
-_TASKS = (
-    "nestgrad.train: tasks= and parallel= cannot be combined yet. Split the tasks across ranks yourself "
-    "(each rank trains its own tasks, without parallel=), or train each task data-parallel."
+_TASKS_RANK = (
+    "it was called with tasks=, which cannot be combined with parallel= yet. Split the tasks across ranks "
+    "yourself (each rank trains its own tasks, without parallel=), or train each task data-parallel."
 )
 
 _SHARD_SHAPE = (
@@ -176,6 +234,20 @@ class DataParallel:
             raise ValueError(f"nestgrad.DataParallel: bucket_mb must be a positive number; got {b!r}.")
 
 
+class RankFailedError(RuntimeError):
+    """Another rank of a data-parallel run failed, so this rank cannot go on.
+
+    Raised instead of the transport's own error (gloo's "Connection closed by peer", a timeout)
+    by every collective of ``ng.train(..., parallel=...)``, its backward pass and
+    ``ng.distributed.mean``: it names the rank that failed and its error when that rank left
+    one (every rank whose training run raises leaves its error in the process group's store
+    before re-raising it), and otherwise says where to look.
+    """
+
+
+_RUNS: dict[int, int] = {}  # per process group (by id; 0: the default group): data-parallel train calls so far
+
+
 @dataclass(frozen=True, eq=False)
 class Sync:
     """The communication of one data-parallel ``train`` call (kept by ``Problem``)."""
@@ -185,12 +257,159 @@ class Sync:
     rank: int
     mean: bool  # the step gradients are averaged (else summed)
     bucket_bytes: int
+    store: Any = None  # the process group's store: failed ranks leave their error there (None: unavailable)
+    run: int = 0  # which data-parallel train call this is on the group: the same number on every rank
+    # Mutable notes for messages only: the step being all-reduced, this rank's last local gradients.
+    notes: dict[str, Any] = field(default_factory=dict)
 
-    def gradients(self, grads: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
-        """The step's gradients all-reduced across ranks (differentiably when they carry a graph)."""
+    def gradients(self, grads: dict[str, Tensor | None], t: int | None = None) -> dict[str, Tensor | None]:
+        """The step's gradients all-reduced across ranks (differentiably when they carry a graph).
+
+        With ``check_finite``, this rank's own gradients are kept until the next step, so that a
+        non-finite all-reduced gradient can be blamed on the rank it came from (``nonfinite``).
+        """
         names = [k for k, g in grads.items() if g is not None]
+        self.notes["where"] = "the all-reduce of the gradients" + ("" if t is None else f" of step {t}")
+        if self.notes.get("keep"):
+            self.notes["local"] = (t, grads)
         reduced = all_reduce([grads[k] for k in names], self, mean=self.mean)  # type: ignore[misc]
         return {**grads, **dict(zip(names, reduced, strict=True))}
+
+    # ------------------------------------------------------------------------------------- failures
+    def _key(self, what: str, rank: int) -> str:
+        return f"nestgrad/data-parallel/{self.run}/{what}/{rank}"
+
+    def guard(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; if it raises, leave the error in the store for the other ranks, then re-raise."""
+        try:
+            return fn(*args)
+        except BaseException as err:
+            if not isinstance(err, RankFailedError):
+                self.leave_error(err)
+            raise
+        finally:
+            self.notes.pop("local", None)  # kept for messages only: not held after the run
+            self.notes["where"] = "an all-reduce of a backward pass through the run"
+
+    def leave_error(self, err: BaseException) -> None:
+        if self.store is None:
+            return
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+        try:
+            self.store.set(self._key("failed", self.rank), _clip(text, 1200))
+        except Exception:  # (the store itself may be gone: the peers then say where to look)
+            pass
+
+    def peer_failed(self, raw: BaseException, what: str | None = None) -> RankFailedError:
+        """The error for a collective that failed because another rank did: who, and why, when it said so."""
+        what = what or self.notes.get("where") or "a collective of the data-parallel run"
+        raw_text = _clip(" ".join(str(raw).split()), 300)
+        failed: list[tuple[int, str]] = []
+        if self.store is not None:
+            for r in range(self.world):
+                if r == self.rank:
+                    continue
+                try:
+                    if self.store.check([self._key("failed", r)]):
+                        failed.append((r, self.store.get(self._key("failed", r)).decode(errors="replace")))
+                except Exception:  # the store is gone too (it lived on the failed rank): say where to look
+                    break
+        if not failed:
+            timeout = getattr(self.store, "timeout", None)
+            return RankFailedError(
+                _PEER_UNKNOWN.format(
+                    me=self.rank, world=self.world, what=what, raw=raw_text, timeout=timeout or "see timeout="
+                )
+            )
+        r, cause = failed[0]
+        others = f" (and ranks {[q for q, _ in failed[1:]]})" if len(failed) > 1 else ""
+        cause = cause if cause.endswith((".", "!", "?")) else cause + "."
+        return RankFailedError(
+            _PEER_FAILED.format(
+                rank=r, world=self.world, where=others, cause=cause, me=self.rank, what=what, raw=raw_text
+            )
+        )
+
+    def nonfinite(
+        self,
+        method: str,
+        t: int,
+        steps: int,
+        loss: Tensor,
+        before: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor | None],
+        after: Mapping[str, Tensor],
+        slots: Mapping[str, Mapping[str, Tensor]],
+        hparams: Sequence[tuple[str, Tensor]],
+        late: str = "",
+    ) -> NonFiniteError:
+        """``training_error`` for a data-parallel step: names the rank whose data produced the non-finite values.
+
+        A non-finite all-reduced gradient is the same on every rank, so every rank gets here at the same
+        step: each leaves in the store whether its own loss and gradient were finite and reads the others'.
+        """
+        here = f"{late} on rank {self.rank} of {self.world}"
+        reduced_bad = bad_names(grads)
+        kept = self.notes.get("local")
+        local = kept[1] if kept is not None and kept[0] in (t, None) else None
+        # Only a non-finite all-reduced gradient is the same on every rank (and so met by all at this step); a
+        # non-finite start, hparam or loss alone is this rank's own, and training_error describes it.
+        if not reduced_bad or local is None or bad_names(before) or bad_names(dict(hparams)):
+            return training_error(method, t, steps, loss, before, grads, after, slots, hparams, here)
+        local_bad = bad_names(local)
+        source = "loss" if not bool(torch.isfinite(loss.detach()).all()) else "gradient"
+        if source == "loss":
+            mine = f"its loss was {_what(loss)}"
+        elif local_bad:
+            shown_local = _names(local_bad, {k: g for k, g in local.items() if g is not None})
+            mine = f"its loss was finite ({float(loss.detach()):.6g}) but its gradient of {shown_local} was not"
+        else:
+            mine = ""
+        wait = _wait_seconds(self.store)
+        answers = self._exchange(f"nonfinite-{t}", mine or "finite", wait)
+        if mine:  # this rank's own loss or gradient: the message about its loss_fn and batch is the right one
+            err = training_error(method, t, steps, loss, before, local, after, slots, hparams, here)
+            others = [r for r in range(self.world) if r != self.rank]
+            return NonFiniteError(
+                f"{err} (Data-parallel: this rank's own {source} on its "
+                f"batch of step {t} was not finite: also check that batch for NaN or inf. The all-reduce carried it "
+                f"to every rank; ranks {others} raise too, naming this rank.)"
+            )
+        shown = _names(reduced_bad, {k: g for k, g in grads.items() if g is not None})
+        culprits = [(r, a) for r, a in answers.items() if a not in (None, "finite")]
+        silent = [r for r, a in answers.items() if a is None]
+        fields = {"method": method, "t": t, "steps": steps, "late": late, "me": self.rank, "world": self.world}
+        if culprits:
+            named = "; ".join(f"rank {r} ({a})" for r, a in culprits[:4])
+            their = f"rank {culprits[0][0]}'s" if len(culprits) == 1 else "those ranks'"
+            return NonFiniteError(
+                _NONFINITE_PEER.format(**fields, bad=shown, loss=float(loss.detach()), culprits=named, their=their)
+            )
+        if silent:
+            return NonFiniteError(
+                _NONFINITE_UNKNOWN.format(**fields, bad=shown, loss=float(loss.detach()), silent=silent, wait=wait)
+            )
+        return NonFiniteError(_NONFINITE_SUM.format(**fields, bad=shown, reduce="mean" if self.mean else "sum"))
+
+    def _exchange(self, what: str, value: str, wait: float) -> dict[int, str | None]:
+        """Leave ``value`` in the store and read the other ranks' (``None``: not there within ``wait`` seconds)."""
+        out: dict[int, str | None] = {r: None for r in range(self.world) if r != self.rank}
+        if self.store is None:
+            return out
+        try:
+            self.store.set(self._key(what, self.rank), value)
+            keys = [self._key(what, r) for r in out]
+            try:
+                self.store.wait(keys, datetime.timedelta(seconds=wait))
+            except Exception:  # (some did not answer: read those that did)
+                pass
+            for r in out:
+                if self.store.check([self._key(what, r)]):
+                    out[r] = self.store.get(self._key(what, r)).decode(errors="replace")
+        except Exception:  # (no store: the message says the others did not answer)
+            pass
+        return out
 
     def cotangents(self, method: Any, grads: Sequence[Tensor], state_grads: Sequence[Tensor | None]) -> Any:
         """The cotangents an adjoint method's backward pass starts from: the ranks' mean.
@@ -244,7 +463,10 @@ def _flat_all_reduce(tensors: Sequence[Tensor], sync: Sync, mean: bool) -> list[
     buckets.sort(key=lambda idx: idx[0])  # the same order on every rank
     for idx in buckets:
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
-        dist.all_reduce(flat, group=sync.group)
+        try:
+            dist.all_reduce(flat, group=sync.group)
+        except RuntimeError as err:  # another rank failed (gloo: "Connection closed by peer"), or a timeout
+            raise sync.peer_failed(err) from err
         if mean:
             flat.div_(sync.world)
         for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
@@ -356,7 +578,24 @@ def _sync(group: Any = None, reduce: str = "mean", bucket_mb: float = 25.0) -> S
             "nestgrad.train(parallel=DataParallel(group=...)): this process is not a member of the given group; "
             "call ng.train with parallel= only on the group's ranks, or pass the group this rank belongs to."
         )
-    return Sync(group, world, rank, reduce == "mean", int(bucket_mb * 2**20))
+    store = None
+    try:
+        store = dist.distributed_c10d._get_process_group_store(group or dist.distributed_c10d._get_default_group())
+    except Exception:  # (no store: a peer's failure is then reported without its cause)
+        pass
+    run = _RUNS.get(0 if group is None else id(group), 0)
+    return Sync(group, world, rank, reduce == "mean", int(bucket_mb * 2**20), store, run)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _wait_seconds(store: Any) -> float:
+    """How long to wait for the other ranks' notes: the group's timeout, at most 30 s."""
+    timeout = getattr(store, "timeout", None)
+    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else 30.0
+    return max(1.0, min(seconds, 30.0))
 
 
 def mean(x: Tensor, group: Any = None) -> Tensor:
@@ -427,18 +666,45 @@ def _needs_sum(x: Tensor, what: str) -> bool:
     return local
 
 
-def _fingerprint(tensors: Sequence[Tensor]) -> list[float]:
-    """Three numbers per tensor that differ, almost surely, when its bits differ (compared across ranks)."""
-    out: list[float] = []
-    for t in tensors:
-        v = t.detach().reshape(-1).to(torch.float64)
-        w = torch.linspace(1.0, 2.0, v.numel(), dtype=torch.float64, device=v.device)
-        out += torch.stack([v.sum(), (v * v).sum(), (v * w).sum()]).tolist() if v.numel() else [0.0, 0.0, 0.0]
+_CHUNK = 1 << 22  # elements per piece when digesting a tensor (bounds the temporary int64 copy)
+_SCHEDULE_SAMPLES = 64  # steps at which a function Schedule is evaluated for the agreement check
+
+
+def _words(x: Tensor) -> Tensor:
+    """The bits of a contiguous 1-D tensor as signed integers of the same width (bool as bytes)."""
+    if x.dtype == torch.bool:
+        return x.view(torch.uint8)
+    size = x.element_size()
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(size, torch.int64))
+
+
+def _digests(tensors: Sequence[Tensor]) -> list[tuple[int, int, float, int]]:
+    """Per tensor: two wrapping int64 sums of its bits (plain and position-weighted) that differ when its bits
+    differ (any single changed element always changes the plain one; a permutation, the weighted one), the
+    float64 sum of its values (for messages) and its size. One host read per device, once per train call."""
+    per_device: dict[torch.device, list[int]] = {}
+    ints: list[Tensor] = []
+    sums: list[Tensor] = []
+    for i, t in enumerate(tensors):
+        x = t.detach().reshape(-1).contiguous()
+        w = _words(x)
+        s1 = torch.zeros((), dtype=torch.int64, device=x.device)
+        s2 = torch.zeros((), dtype=torch.int64, device=x.device)
+        for start in range(0, w.numel(), _CHUNK):
+            c = w[start : start + _CHUNK].to(torch.int64)
+            s1 = s1 + c.sum()
+            s2 = s2 + (c * torch.arange(2 * start + 1, 2 * (start + c.numel()), 2, device=x.device)).sum()
+        value = x.abs() if x.is_complex() else x
+        ints.append(torch.stack([s1, s2]))
+        sums.append(value.to(torch.float64).sum() if value.numel() else torch.zeros((), dtype=torch.float64))
+        per_device.setdefault(x.device, []).append(i)
+    out: list[tuple[int, int, float, int]] = [(0, 0, 0.0, 0)] * len(tensors)
+    for idx in per_device.values():
+        pairs = torch.stack([ints[i] for i in idx]).cpu().tolist()
+        values = torch.stack([sums[i].to(ints[i].device) for i in idx]).cpu().tolist()
+        for i, (a, b), v in zip(idx, pairs, values, strict=True):
+            out[i] = (a, b, v, tensors[i].numel())
     return out
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha1(repr(obj).encode()).hexdigest()[:12]
 
 
 def _empty_shard(data: Any) -> str | None:
@@ -473,14 +739,91 @@ _UNEVEN = (
 )
 
 
-def _method_key(method: Any) -> str:
-    """The method and its settings; for ZerothOrder also the state of its direction generator."""
-    fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.repr}
-    key = f"{type(method).__name__}{sorted(fields.items(), key=lambda kv: kv[0])!r}"
+def _method_settings(method: Any) -> dict[str, str]:
+    """The method and each of its settings; for ZerothOrder also the state of its direction generator."""
+    out = {"method": type(method).__name__}
+    if dataclasses.is_dataclass(method):
+        for f in dataclasses.fields(method):
+            if f.repr:
+                out[f"method {f.name}"] = repr(getattr(method, f.name))
     generator = getattr(method, "_generator", None)  # ZerothOrder's directions
     if isinstance(generator, torch.Generator):
-        key += " generator " + hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest()[:12]
-    return key
+        out["method's direction generator"] = (
+            "state " + hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest()[:12]
+        )
+    return out
+
+
+def _tensor_kind(x: Tensor) -> str:
+    grad = ", requires_grad" if x.requires_grad else ""
+    return f"a Tensor of shape {tuple(x.shape)}, {x.dtype}{grad}"
+
+
+def _schedule_steps(steps: int, state: OptState | None) -> list[int]:
+    """The steps (counting from 1) at which a function Schedule is evaluated for the check: those of this run,
+    sampled evenly when there are more than ``_SCHEDULE_SAMPLES``."""
+    counts = [c for c in state.step.values() if isinstance(c, int)] if state is not None else []
+    first, last = (min(counts) + 1, max(counts) + steps) if counts else (1, steps)
+    n = last - first + 1
+    if n <= _SCHEDULE_SAMPLES:
+        return list(range(first, last + 1))
+    return sorted({first + round(i * (n - 1) / (_SCHEDULE_SAMPLES - 1)) for i in range(_SCHEDULE_SAMPLES)})
+
+
+def _schedule_value(fn: Callable[[int], Any], t: int) -> str:
+    try:
+        v = fn(t)
+    except Exception as err:  # training raises it at this step, on every rank alike
+        return f"raises {type(err).__name__}"
+    if isinstance(v, Tensor):
+        v = v.detach()
+        return repr(float(v)) if v.numel() == 1 else f"Tensor{tuple(v.shape)} sum {float(v.double().sum())!r}"
+    return repr(v)
+
+
+def _hparam_settings(out: dict[str, str], label: str, v: Any, sample: list[int]) -> None:
+    if isinstance(v, tuple):
+        for i, x in enumerate(v):
+            _hparam_settings(out, f"{label}[{i}]", x, sample)
+    elif isinstance(v, Tensor):
+        out[label] = _tensor_kind(v)  # its values are compared bit for bit with the other tensors
+    elif isinstance(v, Schedule):
+        if v.values is not None:
+            out[label] = "Schedule of " + _tensor_kind(v.values)
+        else:
+            shown = ", ".join(f"{t}: {_schedule_value(v.fn, t)}" for t in sample)  # type: ignore[arg-type]
+            out[label] = f"a Schedule of a function, with values at steps {{{shown}}}"
+    elif isinstance(v, Mapping):
+        out[label] = f"per-parameter values for {sorted(v)}"
+        for n in sorted(v):
+            _hparam_settings(out, f"{label}[{n!r}]", v[n], sample)
+    else:
+        out[label] = repr(v)
+
+
+def _optimizer_settings(optimizer: Optimizer, steps: int, state: OptState | None) -> dict[str, str]:
+    """Every setting of the optimizer: its class, each float, flag and kind of hyperparameter, groups, schedules."""
+    out = {"optimizer": type(optimizer).__name__, "optimizer foreach": repr(optimizer.foreach)}
+    out["optimizer groups"] = repr([g["params"] for g in optimizer.groups])
+    sample = _schedule_steps(steps, state)
+    for prefix, hp in [("", optimizer.defaults), *((f"groups[{i}].", g) for i, g in enumerate(optimizer.groups))]:
+        for k, v in hp.items():
+            if k != "params":
+                _hparam_settings(out, f"optimizer {prefix}{k}", v, sample)
+    return out
+
+
+def _shown(values: list[Any], world: int) -> str:
+    """``rank 0 has a, rank 1 has b``: every rank for a few, else rank 0 and the first ranks that differ."""
+    ranks = list(range(world))
+    if world > 4:
+        ranks = [0, *[r for r in range(1, world) if values[r] != values[0]][:3]]
+    return ", ".join(f"rank {r} has {_short(values[r])}" for r in ranks)
+
+
+def _value_text(digest: tuple[int, int, float, int]) -> str:
+    _, _, total, n = digest
+    return repr(total) if n == 1 else f"values summing to {total!r}"
 
 
 def enter(
@@ -495,11 +838,21 @@ def enter(
     method: Any,
     state: OptState | None,
     tasks: Any,
+    check_finite: bool = True,
+    return_state: bool = False,
 ) -> tuple[Sync, Callable[..., Tensor], dict[str, Tensor], Optimizer, Any]:
     """Check that the ranks agree (one all-gather), then wrap the inputs of a data-parallel ``train``.
 
     Returns what ``train`` runs with: the communication, ``loss_fn``, the trainable params, the
     optimizer and the hparams.
+
+    The check gathers, from every rank, a description of every setting (steps, the method's settings,
+    every optimizer hyperparameter, group and schedule, the DataParallel settings, check_finite,
+    return_state, the names, shapes and dtypes of params, hparams and state) and bitwise digests of every
+    replicated tensor (params, frozen weights and buffers, replicated hparams, the optimizer's Tensor
+    hyperparameters, the state's slots): one small collective, before any bucketed one, so ranks that would
+    disagree on the collectives' sizes raise instead of hanging. Problems that only one rank can see (an empty
+    shard, tasks=, a bad shard_hparams) travel in the same gather, so that every rank raises.
 
     Replicated inputs that need it get an identity whose backward pass sums over ranks. Each sharded
     hparam ``a_r`` becomes a tensor of the global size (the ranks' shards concatenated, zeros outside
@@ -512,89 +865,88 @@ def enter(
         raise TypeError(
             f"nestgrad.train: parallel must be an ng.DataParallel(...) or None; got {type(parallel).__name__}."
         )
-    if tasks is not None:
-        raise ValueError(_TASKS)
+    group_key = 0 if parallel.group is None else id(parallel.group)
+    _RUNS[group_key] = _RUNS.get(group_key, 0) + 1  # the same count on every rank: names this run in the store
     sync = _sync(parallel.group, parallel.reduce, parallel.bucket_mb)
+    sync.notes["keep"] = check_finite
 
+    problems: list[str] = []
+    if tasks is not None:
+        problems.append(_TASKS_RANK)
     leaves, spec = pytree.tree_flatten(hparams) if hparams is not None else ([], None)
-    if hparams is None:
-        sharded = []
-    else:
+    sharded: list[int] = []
+    if hparams is not None:
         flags = pytree._broadcast_to_and_flatten(parallel.shard_hparams, spec)
         if flags is None or any(not isinstance(f, bool) for f in flags):
-            raise ValueError(
-                f"nestgrad.DataParallel: shard_hparams must be True, False or a pytree prefix of hparams with "
-                f"booleans (hparams has the structure {spec}); got {parallel.shard_hparams!r}."
+            problems.append(
+                f"shard_hparams must be True, False or a pytree prefix of hparams with booleans (hparams has the "
+                f"structure {spec}); got {parallel.shard_hparams!r}."
             )
-        sharded = [i for i, f in enumerate(flags) if f]
-    problem: str | None = None
+        else:
+            sharded = [i for i, f in enumerate(flags) if f]
     for i in sharded:
         if leaves[i].ndim == 0:
-            raise ValueError(_SHARD_SHAPE.format(what=f"hparams leaf {i}"))
+            problems.append(_SHARD_SHAPE.format(what=f"hparams leaf {i}"))
     empty = _empty_shard(data)
     if empty is not None:
-        problem = _EMPTY.format(what=empty)
+        problems.append(_EMPTY.format(what=empty))
 
     replicated_leaves = [i for i in range(len(leaves)) if i not in sharded]
-    shape = {
-        "steps": steps,
-        "method": _method_key(method),
-        "reduce": parallel.reduce,
-        "optimizer": (
-            type(optimizer).__name__,
-            [(n, tuple(t.shape)) for n, t in zip(optimizer.tensor_names(), optimizer.tensors(), strict=True)],
-        ),
-        "params": [(k, tuple(v.shape), str(v.dtype), v.requires_grad, k in trainable) for k, v in params.items()],
-        "hparams": (
-            str(spec),
-            [
-                (
-                    i,
-                    tuple(leaves[i].shape[1:] if i in sharded else leaves[i].shape),
-                    str(leaves[i].dtype),
-                    leaves[i].requires_grad,
-                    i in sharded,
-                )
-                for i in range(len(leaves))
-            ],
-        ),
-        "state": state is not None,
-        "grad": torch.is_grad_enabled(),
+    settings: dict[str, str] = {
+        "steps": repr(steps),
+        **_method_settings(method),
+        "DataParallel reduce": repr(parallel.reduce),
+        "DataParallel bucket_mb": repr(parallel.bucket_mb),
+        "DataParallel shard_hparams": repr(parallel.shard_hparams),
+        "check_finite": repr(check_finite),
+        "return_state": repr(return_state),
+        "torch.is_grad_enabled()": repr(torch.is_grad_enabled()),
+        **_optimizer_settings(optimizer, steps, state),
+        "params": repr(list(params)),
     }
-    replicas = [*trainable.values(), *(leaves[i] for i in replicated_leaves), *optimizer.tensors()]
+    for k, v in params.items():
+        settings[f"params[{k!r}]"] = f"{_tensor_kind(v)}{', trained' if k in trainable else ', frozen'}"
+    settings["hparams structure"] = str(spec)
+    for i, leaf in enumerate(leaves):
+        kind = _tensor_kind(leaf[0] if i in sharded and leaf.ndim else leaf)
+        settings[f"hparams leaf {i}"] = (
+            kind.replace("a Tensor of shape", "sharded rows of shape") if i in sharded else kind
+        )
+    settings["state"] = "none (a fresh optimizer.init)" if state is None else "given"
+    if state is not None:
+        settings["state step counts"] = repr(sorted(state.step.items()))
+        for slot, values in state.slots.items():
+            for n, x in values.items():
+                settings[f"state {slot}[{n!r}]"] = _tensor_kind(x)
+
+    named: list[tuple[str, Tensor]] = [(f"params[{k!r}]", v) for k, v in params.items()]
+    named += [(f"hparams leaf {i}", leaves[i]) for i in replicated_leaves]
+    named += [(f"optimizer {n}", t) for n, t in zip(optimizer.tensor_names(), optimizer.tensors(), strict=True)]
+    if state is not None:
+        named += [(f"state {slot}[{n!r}]", x) for slot, values in state.slots.items() for n, x in values.items()]
+    digests = _digests([t for _, t in named]) if not problems else []
     mine = {
-        "shape": shape,
-        "values": _fingerprint(replicas),
-        "sizes": [leaves[i].shape[0] for i in sharded],
+        "settings": settings,
+        "digests": dict(zip([n for n, _ in named], digests, strict=False)),
+        "sizes": [leaves[i].shape[0] if leaves[i].ndim else 0 for i in sharded],
         "rows": _batch_rows(data),
-        "problem": problem,
+        "problems": problems,
     }
     everyone: list[Any] = [None] * sync.world
-    dist.all_gather_object(everyone, mine, group=sync.group)
-    failed = [(r, o["problem"]) for r, o in enumerate(everyone) if o["problem"] is not None]
+    try:
+        dist.all_gather_object(everyone, mine, group=sync.group)
+    except RuntimeError as err:
+        raise sync.peer_failed(err, "the agreement check at the start of the run") from err
+    failed = [(r, o["problems"][0]) for r, o in enumerate(everyone) if o["problems"]]
     if failed:
         r, why = failed[0]
         raise ValueError(_RANK_FAILED.format(rank=r, why=why))
-    for key in shape:
-        values = [o["shape"][key] for o in everyone]
-        if any(v != values[0] for v in values):
-            shown = ", ".join(f"rank {r}: {_short(v)}" for r, v in enumerate(values))
-            raise ValueError(_DISAGREE.format(what=key, values=shown))
+    _check_settings([o["settings"] for o in everyone], sync.world)
     rows = [o["rows"] for o in everyone]
     if parallel.reduce == "mean" and None not in rows and len(set(rows)) > 1:
         shown = ", ".join(f"rank {r}: {n}" for r, n in enumerate(rows))
         warnings.warn(_UNEVEN.format(rows=shown), UserWarning, stacklevel=3)
-    differ = [r for r, o in enumerate(everyone) if o["values"] != everyone[0]["values"]]
-    if differ:
-        names = [f"params[{k!r}]" for k in trainable] + [f"hparams leaf {i}" for i in replicated_leaves]
-        names += [f"optimizer {n}" for n in optimizer.tensor_names()]
-        bad = {
-            n
-            for r in differ
-            for j, n in enumerate(names)
-            if everyone[r]["values"][3 * j : 3 * j + 3] != everyone[0]["values"][3 * j : 3 * j + 3]
-        }
-        raise ValueError(_VALUES.format(what=", ".join(sorted(bad)[:4]), ranks=differ))
+    _check_values([o["digests"] for o in everyone], sync.world)
 
     # Replicated inputs: one identity whose backward sums the gradients over ranks (one bucketed collective).
     grad_on = torch.is_grad_enabled()
@@ -651,8 +1003,54 @@ def enter(
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 160 else text[:157] + "..."
+    text = value if isinstance(value, str) else repr(value)
+    return _clip(text, 160)
+
+
+def _check_settings(settings: list[dict[str, str]], world: int) -> None:
+    """Raise, on every rank alike (all hold the same gathered list), if the ranks' settings differ."""
+    labels = list(dict.fromkeys(k for s in settings for k in s))
+    diffs = []
+    for label in labels:
+        values = [s.get(label, "nothing") for s in settings]
+        if any(v != values[0] for v in values):
+            diffs.append((label, values))
+    if not diffs:
+        return
+    methods = [s.get("method") for s in settings]
+    if "ZerothOrder" in methods and any(label.startswith("method") for label, _ in diffs):
+        unseeded = [
+            r for r, s in enumerate(settings) if s.get("method") == "ZerothOrder" and s.get("method seed") == "None"
+        ]
+        if unseeded:
+            which = (
+                "every rank creates a"
+                if len(unseeded) == world
+                else f"rank {unseeded[0]} creates a"
+                if len(unseeded) == 1
+                else f"ranks {unseeded} create a"
+            )
+            raise ValueError(_UNSEEDED.format(which=which))
+        if [label for label, _ in diffs] == ["method's direction generator"]:
+            gen = [s.get("method's direction generator") for s in settings]
+            raise ValueError(_GENERATOR.format(ranks=[r for r in range(world) if gen[r] != gen[0]]))
+    what = "; ".join(f"{label}: {_shown(values, world)}" for label, values in diffs[:4])
+    if len(diffs) > 4:
+        what += f"; and {len(diffs) - 4} more ({', '.join(label for label, _ in diffs[4:8])}...)"
+    raise ValueError(_DISAGREE.format(what=what))
+
+
+def _check_values(digests: list[dict[str, tuple[int, int, float, int]]], world: int) -> None:
+    """Raise, on every rank alike, if a replicated tensor's bits differ between ranks."""
+    bad = [k for k, d in digests[0].items() if any(tuple(o[k][:2]) != tuple(d[:2]) for o in digests[1:])]
+    if not bad:
+        return
+    texts = [_value_text(o[bad[0]]) for o in digests]
+    shown = f"{bad[0]}: {_shown(texts, world)}"
+    if all(t == texts[0] for t in texts):
+        shown += " (the same sum, but different bits)"
+    what = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    raise ValueError(_VALUES.format(what=what, has="has" if len(bad) == 1 else "have", shown=shown))
 
 
 def leave(weights: dict[str, Tensor], final: OptState | None) -> tuple[dict[str, Tensor], OptState | None]:
