@@ -303,7 +303,7 @@ def test_unknown_optimizer_arguments_name_the_fix():
 
 def test_torch_optimizer_instead_of_nestgrad_is_explained():
     params, loss_fn = simple()
-    with pytest.raises(TypeError, match=r"nestgrad.optim.SGD\(\.\.\.\)"):
+    with pytest.raises(TypeError, match=r"nestgrad.optim.SGD\(lr=0.1, \.\.\.\)"):
         ng.train(loss_fn, params, torch.optim.SGD(list(params.values()), lr=0.1), [None], steps=1)
 
 
@@ -434,3 +434,50 @@ def test_no_path_check_for_zeroth_order_no_grad_or_detached_hparams():
         ng.train(loss_fn, params, opt, [None], steps=2, hparams=A)
     with pytest.warns(UserWarning, match="none requires grad"):
         ng.train(loss_fn, params, opt, [None], steps=2, hparams=A.detach())
+
+
+# ------------------------------------------------- a loss_fn with the wrong number of parameters
+_THREE = (
+    r"^nestgrad\.train: loss_fn is called as loss_fn\(params, batch, hparams\) .*def loss_fn\(p, batch, hparams=None\)"
+)
+
+
+def test_two_argument_loss_fn_says_how_it_is_called():
+    w = torch.randn(3, requires_grad=True)
+
+    def loss_fn(p, batch):
+        return (p["w"] * batch).sum()
+
+    with pytest.raises(TypeError, match=_THREE) as info:
+        ng.train(loss_fn, {"w": w}, ng.optim.SGD(lr=0.1), [torch.randn(3)], steps=1)
+    assert "loss_fn(p, batch) cannot" in str(info.value)
+    with pytest.raises(TypeError, match=_THREE):  # before any step: tasks= would hide it under vmap
+        ng.train(loss_fn, {"w": w}, ng.optim.SGD(lr=0.1), [torch.randn(2, 3)], steps=1, tasks=2)
+
+
+class _Unreadable:
+    """A callable whose signature inspect cannot read: the call itself is checked instead."""
+
+    __signature__ = "unknown"
+
+    def __call__(self, p, batch):
+        return (p["w"] * batch).sum()
+
+
+def test_two_argument_loss_fn_without_a_readable_signature_is_explained_at_the_call():
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(TypeError, match=_THREE):
+        ng.train(_Unreadable(), {"w": w}, ng.optim.SGD(lr=0.1), [torch.randn(3)], steps=1)
+
+
+def test_a_type_error_inside_loss_fn_is_not_blamed_on_its_signature():
+    w = torch.randn(3, requires_grad=True)
+
+    def inner(a, b):
+        return a * b
+
+    def loss_fn(p, batch, hparams):
+        return inner(p["w"], batch, 1).sum()
+
+    with pytest.raises(TypeError, match=r"inner\(\) takes 2 positional arguments but 3 were given"):
+        ng.train(loss_fn, {"w": w}, ng.optim.SGD(lr=0.1), [torch.randn(3)], steps=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,6 +134,48 @@ def _require_inputs(loss: Tensor, allowed: set[int], start: int, t: int, method:
             raise RuntimeError(_OUTSIDE.format(method=method, t=t, what=_describe_input(node)))
 
 
+_LOSS_FN_ARGS = (
+    "nestgrad.train: loss_fn is called as loss_fn(params, batch, hparams) (hparams is None when train gets no "
+    "hparams=), but {name} {problem}. Give it three parameters, e.g. `def loss_fn(p, batch, hparams=None):` "
+    "(the third may go unused), or wrap it: loss_fn=lambda p, batch, hparams: f(p, batch)."
+)
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    """Raise before the first step if ``loss_fn`` cannot be called as ``loss_fn(params, batch, hparams)``.
+
+    Read from ``inspect.signature`` once; a callable without one (some builtins) is not checked here,
+    and ``Problem.loss`` says the same if the call itself fails to bind.
+    """
+    if not callable(loss_fn):
+        raise TypeError(
+            f"nestgrad.train: loss_fn must be a function loss_fn(params, batch, hparams) -> scalar Tensor; got "
+            f"{_describe(loss_fn)}."
+        )
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError as err:
+        raise TypeError(_loss_fn_args(loss_fn, signature, str(err))) from None
+
+
+def _loss_fn_args(loss_fn: Any, signature: Any, why: str) -> str:
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    name = "loss_fn" if name == "<lambda>" else name
+    return _LOSS_FN_ARGS.format(name=f"{name}{signature if signature is not None else ''}", problem=f"cannot: {why}")
+
+
+def _binding_error(err: TypeError, frame: Any) -> bool:
+    """Whether ``err`` was raised by the call in ``frame`` itself (its arguments did not bind), not inside it."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame is frame and "positional argument" in str(err)
+
+
 def _check_loss(loss: Any, t: int) -> None:
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         got = _describe(loss)
@@ -250,6 +293,10 @@ class Problem:
             if "leaf Variable that requires grad is being used in an in-place operation" in str(err):
                 raise RuntimeError(_IN_PLACE.format(method=self.method, t=t, what="one of the params")) from err
             raise
+        except TypeError as err:  # a loss_fn whose signature inspect could not read, called with 3 arguments
+            if not _binding_error(err, inspect.currentframe()):
+                raise
+            raise TypeError(_loss_fn_args(self.loss_fn, None, str(err))) from err
         written = [k for (k, v), n in zip(params.items(), versions) if v._version != n]
         if written:
             raise RuntimeError(_IN_PLACE.format(method=self.method, t=t, what=f"params[{written[0]!r}]"))

@@ -12,7 +12,7 @@ from torch import Tensor
 from ._buffers import RunBuffers
 from ._distributed import DataParallel, enter, leave
 from ._nonfinite import NonFiniteError
-from ._problem import LossFn, Problem, hparam_leaves
+from ._problem import LossFn, Problem, check_loss_fn, hparam_leaves
 from ._tasks import Tasks, as_tasks, check_hparams, nonfinite_tasks, stack_params, vectorise
 from .methods._base import AdjointMethod, Method, Unroll
 from .optim._base import Optimizer, OptState, _check_params, _describe
@@ -108,6 +108,7 @@ def train(
         >>> (dA,) = torch.autograd.grad(val, A)
     """
     _check_params(params, "params", "nestgrad.train")
+    check_loss_fn(loss_fn)
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "nestgrad.train: called inside torch.inference_mode(), which forbids the autograd that every "
