@@ -187,3 +187,21 @@ def test_no_fast_weights_yet_raises_clearly():
     fmodel = ours.patch.make_functional(nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"nestgrad\.higher: this functional model has no fast weights yet"):
         fmodel.state_dict()
+
+
+def test_a_submodule_view_loads_its_own_weights_and_buffers_like_higher():
+    need_real_higher()
+    x, _ = batch()
+    outs = []
+    for lib in (ours, real_higher):
+        model = bn_mlp()
+        fmodel = lib.monkeypatch(model, track_higher_grads=False)
+        fmodel[3].load_state_dict({"weight": torch.ones(1, 4), "bias": torch.zeros(1)})
+        fmodel[1].load_state_dict({**model[1].state_dict(), "running_mean": torch.full((4,), 3.0)})
+        fmodel.eval()
+        outs.append((fmodel(x), fmodel.state_dict()))
+        assert torch.equal(model[1].running_mean, torch.zeros(4))  # the model's own buffer is untouched
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    assert list(outs[0][1]) == list(outs[1][1])
+    for k in outs[1][1]:
+        assert torch.equal(outs[0][1][k], outs[1][1][k]), k
