@@ -158,3 +158,107 @@ def test_a_given_state_with_nan_is_named_at_the_first_step():
     bad = state.with_tensors([torch.full_like(x, float("nan")) for x in state.tensors()])
     with pytest.raises(ng.NonFiniteError, match=r"at step 0 of 3.*optimizer state 'momentum_buffer'"):
         ng.train(loss_fn, init(), opt, data, steps=3, hparams=A, state=bad)
+
+
+# ------------------------------------------------ a given state is checked before the first step
+def matrix_problem(dtype=torch.float64):
+    calls = []
+
+    def loss(p, batch, h):
+        calls.append(1)
+        return ((p["W"] - 1) ** 2).sum() + (p["b"] ** 2).sum()
+
+    params = {
+        "W": torch.zeros(4, 3, dtype=dtype, requires_grad=True),
+        "b": torch.zeros(3, dtype=dtype, requires_grad=True),
+    }
+    return loss, params, calls
+
+
+def replaced(state, slot, name, value):
+    return state._replace(slots={**state.slots, slot: {**state.slots[slot], name: value}})
+
+
+OPT = ng.optim.SGD(lr=0.1, momentum=0.9)
+GOOD = OPT.init(matrix_problem()[1])
+BAD_STATES = {
+    "broadcasting shape": (
+        replaced(GOOD, "momentum_buffer", "W", torch.zeros(3, dtype=torch.float64)),
+        r"slot 'momentum_buffer' of parameter 'W' is a Tensor of shape \(3,\) .* but a Tensor of shape \(4, 3\)",
+    ),
+    "non-broadcasting shape": (
+        replaced(GOOD, "momentum_buffer", "W", torch.zeros(2, 5, dtype=torch.float64)),
+        r"shape \(2, 5\)",
+    ),
+    "float32 for float64": (
+        OPT.init(matrix_problem(torch.float32)[1]),
+        r"dtype torch.float32 in the given state, but .* dtype torch.float64 for these params.*Cast the state",
+    ),
+    "step 2.5": (GOOD._replace(step={"W": 2.5, "b": 0}), r"step counts must be ints >= 0.*float 2.5 for 'W'"),
+    "step -1": (GOOD._replace(step={"W": -1, "b": 0}), r"step counts must be ints >= 0.*int -1 for 'W'"),
+    "step True": (GOOD._replace(step={"W": 0, "b": True}), r"step counts must be ints >= 0.*bool True for 'b'"),
+    "another device": (
+        replaced(GOOD, "momentum_buffer", "b", torch.zeros(3, dtype=torch.float64, device="meta")),
+        r"slot 'momentum_buffer' of parameter 'b' is on meta in the given state, but parameter 'b' is on cpu",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_STATES))
+def test_a_given_state_is_checked_for_shapes_dtypes_devices_and_step_counts_before_the_first_step(name):
+    state, words = BAD_STATES[name]
+    loss, params, calls = matrix_problem()
+    with pytest.raises(ValueError, match=words):
+        ng.train(loss, params, OPT, [None], steps=2, state=state)
+    assert not calls, "the run started before the state was checked"
+
+
+def test_load_state_dict_applies_the_same_rules():
+    for name in ("broadcasting shape", "step 2.5", "step -1", "step True"):
+        state, words = BAD_STATES[name]
+        with pytest.raises(ValueError, match=words.replace("given state", "saved state")):
+            GOOD.load_state_dict({"step": state.step, "slots": state.slots})
+
+
+def test_a_float32_state_for_float32_params_keeps_float32_weights_and_a_checked_state_trains_exactly():
+    loss, params, _ = matrix_problem(torch.float32)
+    with pytest.raises(ValueError, match=r"torch\.float64 in the given state"):
+        ng.train(loss, params, OPT, [None], steps=2, state=GOOD)
+    with torch.no_grad():
+        whole = ng.train(loss, params, OPT, [None], steps=4)
+        half, state = ng.train(loss, params, OPT, [None], steps=2, return_state=True)
+        rest = ng.train(loss, half, OPT, [None], steps=2, state=state)
+    assert all(rest[k].dtype is torch.float32 and torch.equal(rest[k], whole[k]) for k in whole)
+
+
+def test_a_single_task_state_given_to_tasks_says_the_params_have_a_task_dimension():
+    loss, params, calls = matrix_problem()
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(3, 4, 3\) and dtype torch.float64 for these params: the params have a leading task dimension",
+    ):
+        ng.train(loss, params, OPT, [None], steps=2, state=GOOD, tasks=3)
+    assert not calls
+    with torch.no_grad():  # the state a tasks run returned fits
+        w, state = ng.train(loss, params, OPT, [None], steps=2, tasks=3, return_state=True)
+        ng.train(loss, w, OPT, [None], steps=2, tasks=ng.Tasks(3, params=0), state=state)
+
+
+@pytest.mark.parametrize(
+    "lr, label",
+    [
+        (torch.tensor(0.1, device="meta"), "lr"),
+        (torch.full((3,), 0.1, device="meta"), "lr"),
+        ({"W": torch.tensor(0.1, device="meta"), "b": 0.1}, r"lr\['W'\]"),
+        (ng.optim.Schedule(torch.full((5,), 0.1, device="meta")), r"lr \(schedule\)"),
+    ],
+    ids=["0-dim", "per-element", "dict", "schedule"],
+)
+@pytest.mark.parametrize("given_state", [False, True], ids=["fresh", "state="])
+def test_a_tensor_hyperparameter_on_another_device_is_named_before_the_first_step(lr, label, given_state):
+    loss, params, calls = matrix_problem()
+    opt = ng.optim.SGD(lr=lr, momentum=0.9)
+    state = GOOD if given_state else None
+    with pytest.raises(ValueError, match=rf"SGD.init: {label} is a Tensor on meta, but parameter 'W' is on cpu"):
+        ng.train(loss, params, opt, [None], steps=2, state=state)
+    assert not calls

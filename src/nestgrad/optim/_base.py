@@ -81,37 +81,92 @@ class OptState(NamedTuple):
                 f"{where}: expected the dict that OptState.state_dict() returns, with keys 'step' and 'slots'; "
                 f"got {_describe(state_dict) if not isinstance(state_dict, Mapping) else sorted(state_dict)}."
             )
-        step, slots = state_dict["step"], state_dict["slots"]
-        if not isinstance(step, Mapping) or set(step) != set(self.step):
-            names = sorted(step) if isinstance(step, Mapping) else step
-            raise ValueError(
-                f"{where}: the saved state is for parameters {names}, but this state is for {sorted(self.step)}. "
-                f"Load it into the state of the same params: opt.init(params).load_state_dict(saved)."
-            )
-        bad = [n for n, t in step.items() if isinstance(t, bool) or not isinstance(t, int) or t < 0]
-        if bad:
-            raise ValueError(f"{where}: step counts must be ints >= 0; got {step[bad[0]]!r} for {bad[0]!r}.")
-        if not isinstance(slots, Mapping) or set(slots) != set(self.slots):
-            raise ValueError(
-                f"{where}: the saved state has slots {sorted(slots) if isinstance(slots, Mapping) else slots}, "
-                f"but this optimizer keeps {sorted(self.slots)}: it was saved from another optimizer, or with "
-                f"other flags (momentum, amsgrad). Construct the optimizer that saved it."
-            )
-        out: dict[str, dict[str, Tensor]] = {}
-        for slot, values in self.slots.items():
-            saved = slots[slot]
-            if not isinstance(saved, Mapping) or set(saved) != set(values):
-                raise ValueError(f"{where}: slot {slot!r} must have an entry for each of {sorted(values)}.")
-            out[slot] = {}
-            for n, t in values.items():
-                x = saved[n]
-                if not isinstance(x, Tensor) or x.shape != t.shape or x.dtype != t.dtype:
-                    raise ValueError(
-                        f"{where}: slot {slot!r} of parameter {n!r} is {_describe(x)} in the saved state, but "
-                        f"{_describe(t)} here: the parameter changed shape or dtype since it was saved."
+        return _checked_state(self, state_dict["step"], state_dict["slots"], where, "the saved state")
+
+
+_STATE_NAMES = (
+    "{where}: {what} is for parameters {names}, but this state is for {want}. Load it into the state of "
+    "the same params: opt.init(params).load_state_dict(saved)."
+)
+_STATE_SLOTS = (
+    "{where}: {what} has slots {found}, but this optimizer keeps {want}: it was saved from another "
+    "optimizer, or with other flags (momentum, amsgrad). Construct the optimizer that saved it."
+)
+_STATE_STEP = (
+    "{where}: step counts must be ints >= 0 (the number of updates a parameter has had); {what} has {got} for {name!r}."
+)
+_STATE_SLOT = "{where}: slot {slot!r} of parameter {name!r} is {got} in {what}, but {want} {here}: {why}"
+_STATE_DEVICE = (
+    "{where}: slot {slot!r} of parameter {name!r} is on {got} in {what}, but parameter {name!r} is on {want}. "
+    "Move the state to the params' device first: "
+    "state.with_tensors([x.to({want_repr}) for x in state.tensors()])."
+)
+_TASK_DIM = (
+    "the params have a leading task dimension of {n} (tasks={n}), and a state for one task does not fit them. "
+    "Pass the state a tasks= run returned (return_state=True), or stack one per task along dim 0."
+)
+
+
+def _checked_state(
+    template: OptState,
+    step: object,
+    slots: object,
+    where: str,
+    what: str,
+    devices: Mapping[str, torch.device] | None = None,
+    tasks: int | None = None,
+) -> OptState:
+    """The state of ``step`` and ``slots`` checked against ``template`` (``opt.init(params)``).
+
+    The rules ``OptState.load_state_dict`` and ``train(state=)`` share: the same parameter names and
+    slots, step counts that are ints >= 0, and slot Tensors of the template's exact shapes and
+    dtypes. With ``devices`` (name -> the parameter's device), a slot on another device raises;
+    without, slots are moved to the template's devices (loading a checkpoint). ``tasks``: the
+    number of tasks the params are stacked for (``train(tasks=)``), for the message.
+    """
+    if not isinstance(step, Mapping) or set(step) != set(template.step):
+        names = sorted(step) if isinstance(step, Mapping) else step
+        raise ValueError(_STATE_NAMES.format(where=where, what=what, names=names, want=sorted(template.step)))
+    for n, t in step.items():
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(_STATE_STEP.format(where=where, what=what, got=_describe(t), name=n))
+    if not isinstance(slots, Mapping) or set(slots) != set(template.slots):
+        found = sorted(slots) if isinstance(slots, Mapping) else slots
+        raise ValueError(_STATE_SLOTS.format(where=where, what=what, found=found, want=sorted(template.slots)))
+    out: dict[str, dict[str, Tensor]] = {}
+    for slot, values in template.slots.items():
+        saved = slots[slot]
+        if not isinstance(saved, Mapping) or set(saved) != set(values):
+            raise ValueError(f"{where}: slot {slot!r} must have an entry for each of {sorted(values)}.")
+        out[slot] = {}
+        for n, t in values.items():
+            x = saved[n]
+            if not isinstance(x, Tensor) or x.shape != t.shape or x.dtype != t.dtype:
+                why = "the parameter changed shape or dtype since it was saved."
+                if devices is not None:
+                    why = "the state was made for other params, or in another dtype."
+                if tasks is not None and isinstance(x, Tensor) and t.shape == (tasks, *x.shape):
+                    why = _TASK_DIM.format(n=tasks)
+                elif isinstance(x, Tensor) and x.shape == t.shape and devices is not None:
+                    why = (
+                        f"a state in {x.dtype} for params in {t.dtype} would change the dtype they train in "
+                        f"(and the dtype of the weights returned). Cast the state to the "
+                        f"params' dtype: state.with_tensors([x.to({t.dtype}) for x in state.tensors()])."
                     )
+                raise ValueError(
+                    _STATE_SLOT.format(where=where, what=what, slot=slot, name=n, got=_describe(x), want=_describe(t),
+                                       why=why, here="here" if devices is None else "for these params")
+                )  # fmt: skip
+            if devices is None:
                 out[slot][n] = x.to(t.device)
-        return OptState({n: int(step[n]) for n in self.step}, out)
+            elif x.device != devices[n]:
+                raise ValueError(
+                    _STATE_DEVICE.format(where=where, what=what, slot=slot, name=n, got=x.device, want=devices[n],
+                                         want_repr=repr(str(devices[n])))
+                )  # fmt: skip
+            else:
+                out[slot][n] = x
+    return OptState({n: int(step[n]) for n in template.step}, out)
 
 
 _FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
@@ -400,8 +455,9 @@ class Optimizer(abc.ABC):
                     label = f"{prefix}{k}[{i}]" if isinstance(v, tuple) else f"{prefix}{k}"
                     valid = ranges if isinstance(ranges, _Range) else ranges[i]
                     for sub, t in _named_tensors(x, label):
-                        # Inside torch.func transforms (vmap, grad) a value cannot be read.
-                        if not _is_functorch_wrapped(t):
+                        # Inside torch.func transforms (vmap, grad) a value cannot be read; nor on meta
+                        # (init() then says that it is not on the params' device).
+                        if not _is_functorch_wrapped(t) and not t.is_meta:
                             items.append((sub, k, t, valid))
         by_device: dict[torch.device, list[tuple[str, str, Tensor, _Range]]] = {}
         for item in items:
@@ -586,6 +642,32 @@ class Optimizer(abc.ABC):
                     f"Remove the entry, or fix the name (parameter names look like {list(params)[:3]})."
                 )
 
+    def _check_devices(self, params: Mapping[str, Tensor]) -> None:
+        """Tensor hyperparameters are on their parameters' devices (a 1-element CPU Tensor is a scalar
+        to torch, fine on any device). Parameters on the meta device (a template) are skipped."""
+        cls = type(self).__name__
+        for name, p in params.items():
+            if p.is_meta:
+                continue
+            index = self._group_index(name)
+            for k, v in self.hparams(name).items():
+                if k == "params" or k in _FLAGS:
+                    continue
+                base = f"groups[{index}].{k}" if index >= 0 and k in self.groups[index] else k
+                for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
+                    label = f"{base}[{i}]" if isinstance(v, tuple) else base
+                    if isinstance(x, Mapping):
+                        x, label = x.get(name), f"{label}[{name!r}]"
+                    on, label = (x.values, f"{label} (schedule)") if isinstance(x, Schedule) else (x, label)
+                    if not isinstance(on, Tensor) or on.device == p.device:
+                        continue
+                    if on.device.type == "cpu" and on.numel() == 1:
+                        continue
+                    raise ValueError(
+                        _HP_DEVICE.format(cls=cls, label=label, got=on.device, name=name, want=p.device,
+                                          want_repr=repr(str(p.device)))
+                    )  # fmt: skip
+
     def _check_underflow(self, params: Mapping[str, Tensor]) -> None:
         """Raise if a positive ``eps`` rounds to 0 in a low-precision parameter's dtype (1e-8 in float16):
         the update would divide by an exact 0 wherever the second moment underflows."""
@@ -628,6 +710,7 @@ class Optimizer(abc.ABC):
                         f"{type(self).__name__}: groups[{i}] names {p!r}, which matches no "
                         f"parameter. Parameter names look like {list(params)[:3]}."
                     )
+        self._check_devices(params)
         self._check_tensor_values(".init")
         self._check_shapes(params)
         self._check_underflow(params)
@@ -954,6 +1037,24 @@ def _short(x: object) -> str:
     return f"a {type(x).__name__} of {len(x)} {'param groups' if isinstance(x[0], Mapping) else 'Tensors'}"  # type: ignore[arg-type,index]
 
 
+def _check_given_state(
+    optimizer: Optimizer, state: OptState, params: Mapping[str, Tensor], where: str, tasks: int | None = None
+) -> OptState:
+    """``state`` checked against ``optimizer.init(params)`` with the rules of ``OptState.load_state_dict``
+    (shapes, dtypes, step counts) and on the params' devices: before a run that starts from it.
+
+    The template is made on the meta device (shapes and dtypes, no memory), unless an optimizer's
+    ``init`` needs real values (a per-element Tensor it combines with the parameter)."""
+    optimizer._check_devices(params)
+    with torch.no_grad():
+        try:
+            template = optimizer.init({k: torch.empty_like(v, device="meta") for k, v in params.items()})
+        except (RuntimeError, NotImplementedError):
+            template = optimizer.init(dict(params))
+    devices = {k: v.device for k, v in params.items()}
+    return _checked_state(template, state.step, state.slots, where, "the given state", devices, tasks)
+
+
 def _check_params(params: object, arg: str, where: str) -> None:
     """Raise a clear error unless ``params`` is a dict of str -> Tensor."""
     if not isinstance(params, Mapping):
@@ -1093,6 +1194,11 @@ def _short_value(x: Any) -> str:
     return repr(x)
 
 
+_HP_DEVICE = (
+    "{cls}.init: {label} is a Tensor on {got}, but parameter {name!r} is on {want}. Create it on the params' "
+    "device, e.g. torch.tensor(0.1, device={want_repr}), or move it before constructing the optimizer: "
+    "value.to({want_repr}) (a leaf that requires grad: value.detach().to({want_repr}).requires_grad_())."
+)
 _MISSING_NAME = (
     "{cls}.init: {label} is a dict of per-parameter values, but has no entry for parameter {name!r} "
     "(it has {known}). A dict must give every parameter it applies to a value: add {name!r}, or put "
