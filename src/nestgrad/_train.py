@@ -15,7 +15,7 @@ from ._nonfinite import NonFiniteError
 from ._problem import LossFn, Problem, check_loss_fn, hparam_leaves
 from ._tasks import Tasks, as_tasks, check_hparams, nonfinite_tasks, stack_params, vectorise
 from .methods._base import AdjointMethod, Method, Unroll
-from .optim._base import Optimizer, OptState, _check_params, _describe
+from .optim._base import Optimizer, OptState, _check_given_state, _check_params, _describe
 
 
 def train(
@@ -133,7 +133,7 @@ def train(
         tasks = as_tasks(tasks)
         params, dims = stack_params(tasks, params, differentiable=getattr(method, "differentiates_params", True))
         loss_fn = vectorise(tasks, loss_fn, dims)
-    trainable = _trainable(params) if state is None else _stated(params, state)
+    trainable = _trainable(params) if state is None else _stated(params, state, optimizer, tasks)
     frozen = {k: v for k, v in params.items() if k not in trainable}
     if tasks is not None:
         check_hparams(tasks, optimizer, trainable)
@@ -245,7 +245,9 @@ _PATH_DROPPED = (
 )
 
 
-def _stated(params: Mapping[str, Tensor], state: OptState) -> dict[str, Tensor]:
+def _stated(
+    params: Mapping[str, Tensor], state: OptState, optimizer: Optimizer, tasks: Tasks | None = None
+) -> dict[str, Tensor]:
     """The params a given ``state`` trains: those it has step counts for, whether or not they require grad.
 
     So the weights a run under ``torch.no_grad()`` returned (which do not require grad) continue
@@ -259,7 +261,10 @@ def _stated(params: Mapping[str, Tensor], state: OptState) -> dict[str, Tensor]:
     unstated = [k for k, v in params.items() if v.requires_grad and k not in state.step]
     if unstated:
         raise ValueError(_UNSTATED.format(names=unstated[:4], have=sorted(state.step)))
-    return {k: params[k] if params[k].requires_grad else params[k].detach().requires_grad_() for k in state.step}
+    trainable = {k: params[k] if params[k].requires_grad else params[k].detach().requires_grad_() for k in state.step}
+    # Shapes, dtypes, devices and step counts, with OptState.load_state_dict's rules, before the first step.
+    _check_given_state(optimizer, state, trainable, "nestgrad.train", None if tasks is None else tasks.n)
+    return trainable
 
 
 def _check_start(method: Method, trainable: dict[str, Tensor], state: OptState | None) -> None:
