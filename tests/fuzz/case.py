@@ -46,7 +46,9 @@ def make_model(name: str) -> nn.Module:
     elif name == "conv":
         m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 1))
     elif name == "batchnorm":
-        m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+        # No bias before BatchNorm: its gradient would be round-off of 0, which Adam, RMSprop and Rprop
+        # turn into O(lr) steps of random sign, so no two implementations could agree on it.
+        m = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
     elif name == "tied":
         m = Tied()
     elif name == "ridge":
@@ -89,8 +91,10 @@ def build(cfg: Config) -> Problem:
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     w_true = torch.randn(math.prod(shape), generator=g, dtype=torch.float64)
 
+    scale = 0.5 if cfg.model == "ridge" else 1.0  # the ridge Hessian's eigenvalues in [1, 4]: SGD(lr=0.2) converges
+
     def batch() -> tuple[Tensor, Tensor]:
-        x = torch.randn((*lead, N, *shape), generator=g, dtype=torch.float64)
+        x = scale * torch.randn((*lead, N, *shape), generator=g, dtype=torch.float64)
         y = torch.tanh(x.flatten(len(lead) + 1) @ w_true).unsqueeze(-1)
         return x, y + 0.1 * torch.randn(y.shape, generator=g, dtype=torch.float64)
 

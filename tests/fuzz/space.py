@@ -25,6 +25,9 @@ MODELS: dict[str, tuple[tuple[int, ...], bool]] = {
     "ridge": ((3,), False),  # Linear(3, 1) + an L2 penalty: strongly convex, for Implicit
 }
 
+#: the leading sizes of each model's parameters (a per-element lr of that shape is refused with tasks=n)
+PARAM_LEADING_SIZES = {"mlp": {4, 1}, "conv": {2, 1}, "batchnorm": {4, 1}, "tied": {4, 1}, "ridge": {1}}
+
 #: optimizer name -> its optim_db entry (flags, stable base hyperparameters, what to differentiate)
 OPTIMIZERS = {info.name: info for info in optim_db.OPTIMIZERS}
 
@@ -52,7 +55,7 @@ METHODS: dict[str, str] = {
 DIFFERENTIATES_PARAMS = ("Unroll", "Unroll(truncate)", "Reverse", "Reverse(checkpoint_every)")
 
 N, NV = 6, 6  # training examples per batch, validation examples (divisible by 1, 2 and 3 ranks)
-IMPLICIT_STEPS = 80  # enough SGD steps for the ridge problem to converge to float precision
+IMPLICIT_STEPS = 150  # enough SGD steps for the ridge problem to converge to float precision
 RIDGE_MU = 0.5
 
 
@@ -103,7 +106,8 @@ def draw(seed: int, world: int = 1) -> Config:
         if others and r.random() < 0.3:
             m = r.choice(others)
             meta = (m, None) if isinstance(m, str) else m
-            kwargs = {**info.meta_base, **kwargs} if meta[0] in info.meta_base else kwargs
+            if meta[0] in info.meta_base and meta[0] not in kwargs:  # a value where its derivative is not degenerate
+                kwargs = {**kwargs, meta[0]: info.meta_base[meta[0]]}
     arg: Any = None
     if method == "Unroll(truncate)":
         arg = r.randint(1, 3)
@@ -146,6 +150,11 @@ def refusals(cfg: Config) -> list[str]:
         out.append(
             "train(state=): 'A state that carries a graph (from an earlier segment) is differentiated "
             "through by Unroll and Reverse; the other methods raise instead of dropping that path.'"
+        )
+    if cfg.tasks and cfg.lr_form == "per_element" and cfg.tasks in PARAM_LEADING_SIZES[cfg.model]:
+        out.append(
+            "Tasks: 'A value with fewer dimensions than the stacked weight whose leading size is n ... is "
+            "ambiguous and raises with the shape to use'"
         )
     if cfg.lr_form.startswith("schedule") and cfg.opt == "Rprop":
         out.append("Rprop reads lr only in init(): a Schedule would have no effect after step 1 (raises)")
