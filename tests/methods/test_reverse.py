@@ -185,3 +185,22 @@ def test_second_derivatives_through_an_adjoint_method_raise():
     (g,) = torch.autograd.grad(val_loss(model, out, X, y), A, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|not have been used in the graph"):
         torch.autograd.grad(g.sum(), A)
+
+
+# ------------------------------------------------- a trajectory that cannot fit
+def test_a_trajectory_that_cannot_fit_raises_before_the_first_step_with_the_memory_and_checkpoint_every():
+    w = torch.zeros(2**20, dtype=torch.float64, requires_grad=True)  # 8 MiB of weights: 8 TiB for 10**6 steps
+    A = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def loss_fn(p, batch, A):
+        calls.append(1)
+        return A * p["w"].square().sum()
+
+    pattern = (
+        r"^nestgrad\.train \(Reverse\): the trajectory cannot fit in memory: with checkpoint_every=1 it stores "
+        r"999999 copies .* 8\.0 MiB each, 7\.6 TiB in all, but .*Reverse\(checkpoint_every=1000\).* Forward\(\)"
+    )
+    with pytest.raises(torch.OutOfMemoryError, match=pattern):
+        ng.train(loss_fn, {"w": w}, ng.optim.SGD(lr=0.1), [None], steps=10**6, hparams=A, method=ng.Reverse())
+    assert not calls  # raised before step 0, not at an allocation inside it

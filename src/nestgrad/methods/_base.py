@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -15,6 +17,7 @@ from .._data import Batches
 from .._nonfinite import any_nonfinite, backward_error, bad_names, watch_gradients
 from .._problem import is_out_of_memory, out_of_memory
 from ..optim._base import OptState
+from ._memory import SavedBytes, available_bytes, best_checkpoint_every, nbytes, size
 
 if TYPE_CHECKING:
     from .._problem import Problem
@@ -298,6 +301,12 @@ class Unroll(Method):
         truncate: differentiate only the last ``truncate`` steps; the earlier
             ones run as plain first-order training and are treated as constants
             (truncated backpropagation). ``None`` differentiates every step.
+        warn_memory: warn once (a ``ResourceWarning``, with the figures and the
+            alternatives) when the recorded graph passes this fraction of the memory that
+            was available on the weights' device after the first recorded step. The graph's size
+            is estimated from the first recorded step (the bytes autograd saves for it,
+            plus the new weights and state) times the steps recorded so far. ``None``
+            never warns.
 
     Examples:
         >>> trained = nestgrad.train(loss_fn, params, opt, data, steps=100,
@@ -305,12 +314,19 @@ class Unroll(Method):
     """
 
     truncate: int | None = None
+    warn_memory: float | None = 0.5
 
     def __post_init__(self) -> None:
         t = self.truncate
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(
                 f"nestgrad.Unroll: truncate must be None (differentiate every step) or an int >= 1; got {t!r}."
+            )
+        w = self.warn_memory
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1):
+            raise ValueError(
+                f"nestgrad.Unroll: warn_memory must be None (never warn) or a fraction of the available memory "
+                f"in (0, 1]; got {w!r}."
             )
 
     def run(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState]:
@@ -320,14 +336,76 @@ class Unroll(Method):
         if watch:  # raise on a NaN or inf hypergradient, as the other methods do
             problem, params = _watch_inputs(problem, params)
         state = problem.init_state(params)
+        memory = _GraphSize(self, problem, params, first) if differentiable and self.warn_memory else None
         for t in problem.range():
             if t == first and first > 0:  # start a fresh graph after the truncated steps
                 params = {k: v.detach().requires_grad_() for k, v in params.items()}
                 state = state.with_tensors([x.detach() for x in state.tensors()])
-            params, state, _ = problem.step(params, state, t, create_graph=differentiable and t >= first)
+            if memory is not None and t == first:  # measure the first recorded step
+                params, state = memory.measure(params, state, t)
+            else:
+                params, state, _ = problem.step(params, state, t, create_graph=differentiable and t >= first)
+            if memory is not None and t == memory.warn_at:
+                memory.warn(t)
         if not differentiable or first == problem.steps:
             return {k: v.detach() for k, v in params.items()}, state.with_tensors([x.detach() for x in state.tensors()])
         return (_watch_outputs(params) if watch else params), state
+
+
+class _GraphSize:
+    """Unroll's recorded graph: its size, estimated from the first recorded step, and the step to warn at."""
+
+    def __init__(self, method: Unroll, problem: Problem, params: dict[str, Tensor], first: int) -> None:
+        self.method, self.problem, self.first = method, problem, first
+        self.device = next(iter(params.values())).device if params else torch.device("cpu")
+        self.available: int | None = None
+        self.per_step = self.weights = 0
+        self.warn_at = -1  # no step
+
+    def measure(self, params: dict[str, Tensor], state: OptState, t: int) -> tuple[dict[str, Tensor], OptState]:
+        """Run step ``t`` with a graph, counting the bytes autograd saves for it; set the step to warn at."""
+        problem = self.problem
+        exclude = [*params.values(), *state.tensors(), *problem.hparam_tensors(), *problem.frozen.values()]
+        counter = SavedBytes(exclude)
+        with counter.counting():
+            params, state, _ = problem.step(params, state, t, create_graph=True)
+        self.weights = nbytes([*params.values(), *state.tensors()])  # what Reverse would store per step
+        self.per_step = counter.bytes + self.weights
+        if (problem.steps - self.first) * self.per_step < _SMALL_GRAPH:
+            return params, state  # too small to matter anywhere: no need to ask the device
+        self.available = available_bytes(self.device)  # after the step: what is left for the other steps
+        if self.available is not None and self.per_step > 0:
+            threshold = self.method.warn_memory * self.available  # type: ignore[operator]
+            at = self.first + math.ceil(threshold / self.per_step) - 1
+            self.warn_at = at if at < problem.steps else -1
+        return params, state
+
+    def warn(self, t: int) -> None:
+        recorded = t - self.first + 1
+        total = self.problem.steps - self.first
+        k, copies = best_checkpoint_every(self.problem.steps)
+        weights = self.weights
+        message = _GRAPH_GROWS.format(
+            size=size(recorded * self.per_step), steps=recorded, per=size(self.per_step),
+            share=self.method.warn_memory, available=size(self.available or 0), device=self.device,
+            total=total, need=size(total * self.per_step), reverse=size(self.problem.steps * weights),
+            k=k, need_k=size(copies * weights), truncate=max(1, recorded // 2),
+        )  # fmt: skip
+        warnings.warn(message, ResourceWarning, stacklevel=4)
+
+
+_SMALL_GRAPH = 64 * 2**20  # a whole run's graph below this never warns (and the device is not asked)
+
+_GRAPH_GROWS = (
+    "nestgrad.train (Unroll): the recorded graph of the run now holds about {size} after {steps} recorded "
+    "step(s) ({per} a step), more than warn_memory={share:g} of the {available} that {device} had available "
+    "after the first step; the {total} recorded steps of this run need about {need}. Unroll keeps every "
+    "step's graph until backward(). Alternatives: Reverse() stores only the weights and optimizer state of "
+    "each step ({reverse} for this run) and recomputes the steps in the backward pass, exactly; "
+    "Reverse(checkpoint_every={k}) needs {need_k}; Unroll(truncate=k) differentiates only the last k steps "
+    "(approximate, e.g. truncate={truncate}); Forward() (few hyperparameters) keeps memory independent of the "
+    "number of steps. Unroll(warn_memory=None) silences this warning."
+)
 
 
 def _watch_inputs(problem: Problem, params: dict[str, Tensor]) -> tuple[Problem, dict[str, Tensor]]:

@@ -12,9 +12,11 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from .._data import Batches, ReplayError
+from .._problem import is_out_of_memory
 from .._rng import RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
 from ..optim._base import OptState
 from ._base import AdjointMethod
+from ._memory import available_bytes, best_checkpoint_every, nbytes, size
 
 if TYPE_CHECKING:
     from .._problem import Problem
@@ -161,6 +163,7 @@ class _Trajectory:
         self.names: list[str] = []
         self.template: OptState | None = None
         self.counts: dict[int, dict[str, int]] = {}
+        self.training_steps: dict[int, int | None] = {}  # OptState.count at each checkpoint (schedules)
         self.rngs = RngLog(steps, every)
         self.losses = torch.empty(steps, dtype=torch.float64)
 
@@ -168,7 +171,7 @@ class _Trajectory:
         tensors = [*params.values(), *state.tensors()]
         if t == 0:
             n = -(-self.steps // self.every) - 1  # checkpoints after the first
-            self.buffers = [x.new_empty((n, *x.shape)) for x in tensors] if n else []
+            self.buffers = self._allocate(n, tensors) if n else []
             self.names, self.template = list(params), state
             own = len(params) if not self.own_state else len(tensors)
             self.first = [x.detach() if i < own else x.detach().clone() for i, x in enumerate(tensors)]
@@ -177,7 +180,34 @@ class _Trajectory:
                 buffer[t // self.every - 1].copy_(x)
         if t % self.every == 0:
             self.counts[t] = dict(state.step)
+            self.training_steps[t] = state.count
         self.rngs.record(t)
+
+    def _allocate(self, n: int, tensors: list[Tensor]) -> list[Tensor]:
+        """One buffer of ``n`` rows per tensor; raise before allocating when they cannot fit in memory."""
+        per_copy = nbytes(tensors)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        available = available_bytes(device)
+        if available is not None and n * per_copy > available:
+            why = f"{device} has {size(available)} available"
+            raise torch.OutOfMemoryError(self._too_big(n, per_copy, why, available))
+        try:
+            return [x.new_empty((n, *x.shape)) for x in tensors]
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            raise torch.OutOfMemoryError(self._too_big(n, per_copy, "the allocation failed", None)) from err
+
+    def _too_big(self, n: int, per_copy: int, why: str, available: int | None) -> str:
+        k, copies = best_checkpoint_every(self.steps)
+        fits = available is None or copies * per_copy <= available
+        instead = _FEWER.format(k=k, copies=copies, need=size(copies * per_copy)) if fits else ""
+        if not fits:
+            instead = _NOT_EVEN.format(k=k, copies=copies, need=size(copies * per_copy))
+        return _TOO_BIG.format(
+            n=n, per=size(per_copy), need=size(n * per_copy), why=why, steps=self.steps, every=self.every,
+            instead=instead,
+        )  # fmt: skip
 
     def save_loss(self, t: int, loss: Tensor) -> None:
         if t == 0:
@@ -191,7 +221,25 @@ class _Trajectory:
         values = self.first if t == 0 else [buffer[t // self.every - 1] for buffer in self.buffers]
         n = len(self.names)
         state = self.template.with_tensors(values[n:])
-        return dict(zip(self.names, values[:n], strict=True)), OptState(self.counts[t], state.slots)
+        return dict(zip(self.names, values[:n], strict=True)), OptState(self.counts[t], state.slots, self.training_steps[t])
+
+
+_TOO_BIG = (
+    "nestgrad.train (Reverse): the trajectory cannot fit in memory: with checkpoint_every={every} it stores "
+    "{n} copies of the weights and optimizer state for {steps} steps (besides the first), {per} each, {need} "
+    "in all, but {why}. {instead}Forward() (few hyperparameters) and Implicit() (training to an optimum) keep "
+    "memory independent of the number of steps; fewer steps, or float32 instead of float64 weights, need less."
+)
+
+_FEWER = (
+    "Reverse(checkpoint_every={k}) stores steps/{k} copies and recomputes the {k} steps in between in the "
+    "backward pass: {copies} copies at its peak, {need}. "
+)
+
+_NOT_EVEN = (
+    "Even Reverse(checkpoint_every={k}), which holds the fewest copies ({copies} at its peak: steps/{k} "
+    "checkpoints and one segment of {k} steps), needs {need}. "
+)
 
 
 def _vjp(
