@@ -109,13 +109,14 @@ it reads them. See ``nestgrad.higher.patch`` for ``fmodel.train()`` / ``fmodel.e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import optim as _optim
+from ..methods._base import Method
 from . import optim, patch, utils
 from .optim import (
     DifferentiableOptimizer,
@@ -144,7 +145,28 @@ __all__ = [
 ]
 
 
-@contextmanager
+def __dir__() -> list[str]:
+    """The public API and the module's dunders; not the helpers this file imports (``torch``, ``Any``)."""
+    return sorted([*__all__, *(k for k in globals() if k.startswith("__") and k.endswith("__"))])
+
+
+_NO_REPLAY = (
+    "nestgrad.higher.innerloop_ctx: method={method!r} is not available here. A higher-style loop "
+    "runs one method, Unroll() (every step recorded; leave method= out): diffopt.step(loss) receives, "
+    "one step at a time, a loss whose graph your code has already built. The other methods need the "
+    "whole run as one call, with the step's loss as a function they can re-run (Reverse re-runs the "
+    "steps in the backward pass, keeping each step's weights and not its graph) and the number of "
+    "steps (Unroll(truncate=k) records only the last k). Write the step's loss as "
+    "loss_fn(params, batch, hparams) and call ng.train(loss_fn, dict(model.named_parameters()), "
+    "optimizer, batches, steps=T, method={method!r}): docs/higher.md, 'Outgrowing the unrolled loop: "
+    "moving to ng.train', shows one loop written both ways, with the same meta-gradients."
+)
+
+
+class UnsupportedMethodError(TypeError, ValueError):
+    """A ``method=`` that a higher-style loop cannot run: a ``ValueError``, and a ``TypeError`` as before."""
+
+
 def innerloop_ctx(
     model: nn.Module | FunctionalModel,
     opt: torch.optim.Optimizer | _optim.Optimizer,
@@ -152,7 +174,9 @@ def innerloop_ctx(
     copy_initial_weights: bool = True,
     override: Override | None = None,
     track_higher_grads: bool = True,
-) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
+    *,
+    method: Method | None = None,
+) -> AbstractContextManager[tuple[Any, DifferentiableOptimizer]]:
     """A context manager for differentiable inner loops: ``monkeypatch(model)`` and ``get_diff_optim(opt)``.
 
     Args:
@@ -170,6 +194,12 @@ def innerloop_ctx(
             values may be Tensors that require grad.
         track_higher_grads: ``False`` for a first-order inner loop (no ``create_graph``,
             fast weights detached after each step).
+        method: only ``None``. Every step is recorded as with ``nestgrad.Unroll()``: the loss
+            given to ``diffopt.step`` arrives with its graph built, so a method that re-runs the
+            steps in the backward pass (``Reverse``) has nothing to re-run. Any ``Method``
+            raises an error (a ``ValueError`` and a ``TypeError``) that says how to move the
+            loop to ``nestgrad.train(..., method=...)`` (docs/higher.md, "Outgrowing the
+            unrolled loop").
 
     Yields:
         ``(fmodel, diffopt)``: the functional model and a ``DifferentiableOptimizer``.
@@ -182,6 +212,26 @@ def innerloop_ctx(
         ...     val_loss = loss_fn(fmodel(x_val), y_val)
         >>> (lr_grad,) = torch.autograd.grad(val_loss, lr)
     """
+    if method is not None:
+        if not isinstance(method, Method):
+            raise TypeError(
+                f"nestgrad.higher.innerloop_ctx: method= takes a nestgrad Method (and a higher-style "
+                f"loop runs none but the default, None); got {type(method).__name__} {method!r}."
+            )
+        raise UnsupportedMethodError(_NO_REPLAY.format(method=method))
+    return _innerloop_ctx(model, opt, device, copy_initial_weights, override, track_higher_grads)
+
+
+@contextmanager
+def _innerloop_ctx(
+    model: nn.Module | FunctionalModel,
+    opt: torch.optim.Optimizer | _optim.Optimizer,
+    device: torch.device | str | None,
+    copy_initial_weights: bool,
+    override: Override | None,
+    track_higher_grads: bool,
+) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
+    """The context of :func:`innerloop_ctx`, after its arguments are checked."""
     # The fmodel of an enclosing loop (nesting) is an nn.Module too: its optimizer is over the
     # parameters of the module it runs.
     base = model.module if isinstance(model, _Functional) else model

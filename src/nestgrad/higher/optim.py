@@ -51,6 +51,12 @@ __all__ = [
     "register_optim",
 ]
 
+
+def __dir__() -> list[str]:
+    """The public API and the module's dunders; not the helpers this file imports."""
+    return sorted([*__all__, *(k for k in globals() if k.startswith("__") and k.endswith("__"))])
+
+
 Override = Mapping[str, Sequence[Any]]
 GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
 GroupedGrads = list[list[Tensor | None]]

@@ -26,6 +26,12 @@ from .._call import call
 
 __all__ = ["FunctionalModel", "FunctionalSubmodule", "buffer_sync", "make_functional", "monkeypatch"]
 
+
+def __dir__() -> list[str]:
+    """The public API and the module's dunders; not the helpers this file imports."""
+    return sorted([*__all__, *(k for k in globals() if k.startswith("__") and k.endswith("__"))])
+
+
 Device = torch.device | str | None
 
 _LOAD = "nestgrad.higher: {cls}.load_state_dict: {what} Nothing was loaded."

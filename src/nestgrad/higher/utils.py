@@ -10,6 +10,12 @@ from torch import Tensor, nn
 
 __all__ = ["flatten", "get_func_params"]
 
+
+def __dir__() -> list[str]:
+    """The public API and the module's dunders; not the helpers this file imports."""
+    return sorted([*__all__, *(k for k in globals() if k.startswith("__") and k.endswith("__"))])
+
+
 _CONTAINERS = (list, tuple, dict, set)
 
 
