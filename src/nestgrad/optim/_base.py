@@ -35,14 +35,25 @@ class OptState(NamedTuple):
     """State of any ``nestgrad.optim`` optimizer.
 
     Attributes:
-        step: number of updates applied so far, per parameter name.
+        step: number of updates applied so far, per parameter name (a parameter that received
+            no gradient at a step is not updated and keeps its count, as in ``torch.optim``):
+            bias corrections (Adam's ``1 - beta**t``) use it.
         slots: per-parameter buffers, keyed first by slot name (``"exp_avg"``,
             ``"momentum_buffer"``, ...) and then by parameter name. The slot names
             are those of ``torch.optim``'s ``state_dict``.
+        count: number of ``update()`` calls so far: the training step, which indexes every
+            ``Schedule`` (as one ``LambdaLR`` step per training step does in ``torch.optim``).
+            ``None`` (a state built as ``OptState(step, slots)``, or saved before it existed)
+            stands for the largest per-parameter count.
     """
 
     step: dict[str, int]
     slots: dict[str, dict[str, Tensor]]
+    count: int | None = None
+
+    def training_step(self) -> int:
+        """``count``, or where it is ``None`` the largest per-parameter step count."""
+        return self.count if self.count is not None else max(self.step.values(), default=0)
 
     def tensors(self) -> list[Tensor]:
         """The slot tensors in a fixed order (slot by slot, then parameter by parameter)."""
@@ -52,7 +63,7 @@ class OptState(NamedTuple):
         """The same state with its slot tensors replaced, in the order of ``tensors()``."""
         supply = iter(tensors)
         slots = {slot: {n: next(supply) for n in values} for slot, values in self.slots.items()}
-        return OptState(dict(self.step), slots)
+        return OptState(dict(self.step), slots, self.count)
 
     def state_dict(self) -> dict[str, Any]:
         """The step counts and slots as plain dicts of ints and (detached) Tensors.
@@ -66,6 +77,7 @@ class OptState(NamedTuple):
         return {
             "step": dict(self.step),
             "slots": {slot: {n: t.detach() for n, t in values.items()} for slot, values in self.slots.items()},
+            "count": self.training_step(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> OptState:
@@ -76,12 +88,16 @@ class OptState(NamedTuple):
         moved to the template's devices.
         """
         where = "OptState.load_state_dict"
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"step", "slots"}:
+        # 'count' came later: a state_dict without it (the largest step count stands for it) still loads.
+        keys = set(state_dict) if isinstance(state_dict, Mapping) else set()
+        if not isinstance(state_dict, Mapping) or not {"step", "slots"} <= keys <= {"step", "slots", "count"}:
             raise TypeError(
-                f"{where}: expected the dict that OptState.state_dict() returns, with keys 'step' and 'slots'; "
+                f"{where}: expected the dict that OptState.state_dict() returns, with keys 'step', 'slots' "
+                f"and 'count'; "
                 f"got {_describe(state_dict) if not isinstance(state_dict, Mapping) else sorted(state_dict)}."
             )
-        return _checked_state(self, state_dict["step"], state_dict["slots"], where, "the saved state")
+        step, slots, count = state_dict["step"], state_dict["slots"], state_dict.get("count")
+        return _checked_state(self, step, slots, where, "the saved state", count=count)
 
 
 _STATE_NAMES = (
@@ -115,6 +131,7 @@ def _checked_state(
     what: str,
     devices: Mapping[str, torch.device] | None = None,
     tasks: int | None = None,
+    count: object = None,
 ) -> OptState:
     """The state of ``step`` and ``slots`` checked against ``template`` (``opt.init(params)``).
 
@@ -130,6 +147,14 @@ def _checked_state(
     for n, t in step.items():
         if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise ValueError(_STATE_STEP.format(where=where, what=what, got=_describe(t), name=n))
+    if count is not None and (
+        isinstance(count, bool) or not isinstance(count, int) or count < max(step.values(), default=0)
+    ):
+        raise ValueError(
+            f"{where}: the training step count must be an int at least the largest per-parameter step count "
+            f"({max(step.values(), default=0)}): a parameter cannot have had more updates than there were steps; "
+            f"{what} has {_describe(count)}."
+        )
     if not isinstance(slots, Mapping) or set(slots) != set(template.slots):
         found = sorted(slots) if isinstance(slots, Mapping) else slots
         raise ValueError(_STATE_SLOTS.format(where=where, what=what, found=found, want=sorted(template.slots)))
@@ -166,7 +191,7 @@ def _checked_state(
                 )  # fmt: skip
             else:
                 out[slot][n] = x
-    return OptState({n: int(step[n]) for n in template.step}, out)
+    return OptState({n: int(step[n]) for n in template.step}, out, count)
 
 
 _FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
@@ -338,6 +363,9 @@ class Optimizer(abc.ABC):
             self.groups.append({"params": patterns, **overrides})
         self._check_tensor_values("")
         self.foreach = foreach
+        # Range flags of Tensors that function schedules returned on an accelerator, read every
+        # _FLAG_EVERY updates, at the next init() and when a run reads its finite flags (no sync per step).
+        self._pending: list[tuple[int, str, Tensor, Tensor, _Range]] = []
         self._group_of: dict[str, int] = {}
         self._slots_of: dict[tuple[int, str | None], tuple[str, ...]] = {}
         self._kind_of: dict[int, tuple[bool, bool, bool]] = {}
@@ -710,6 +738,7 @@ class Optimizer(abc.ABC):
                         f"{type(self).__name__}: groups[{i}] names {p!r}, which matches no "
                         f"parameter. Parameter names look like {list(params)[:3]}."
                     )
+        self._read_schedule_flags()  # of the previous run, if it ran on an accelerator
         self._check_devices(params)
         self._check_tensor_values(".init")
         self._check_shapes(params)
@@ -719,7 +748,7 @@ class Optimizer(abc.ABC):
             hp = self._step_hparams(name, _HP_DTYPE.get(p.dtype, torch.float32))
             for slot, value in self._init(p, hp).items():
                 slots.setdefault(slot, {})[name] = value if value.dtype is p.dtype else value.to(p.dtype)
-        return OptState(step={name: 0 for name in params}, slots=slots)
+        return OptState(step={name: 0 for name in params}, slots=slots, count=0)
 
     def update(
         self,
@@ -770,15 +799,19 @@ class Optimizer(abc.ABC):
             key = (group, step_of[name] + 1, name if kind[2] else None)
             partitions.setdefault(key, []).append(name)
         ops = self._backend()
+        count = state.training_step() + 1  # the training step this update makes: schedules are indexed by it
         new_params = dict(params)
         new_step = dict(step_of)
         new_slots = {slot: dict(values) for slot, values in state.slots.items()}
         for (group, step, per_name), names in partitions.items():
             hp = self.hparams(names[0])
             fit, resolve, _ = kinds[group]
-            if resolve:  # the values of this parameter (dicts) at this step (schedules)
+            if resolve:  # the values of this parameter (dicts) at this training step (schedules)
                 where = f"{type(self).__name__}.update"
-                hp = {k: _resolve(v, names[0], step, where, k) for k, v in hp.items()}
+                hp = {
+                    k: self._produced(k, _resolve(v, names[0], count, where, k), v, names[0], count)
+                    for k, v in hp.items()
+                }
             # Float hyperparameters never change a dtype or a shape. Tensor ones are fitted to
             # the parameters of each dtype (1-element ones 0-dim, in that dtype but at least
             # float32); what a float32 one promotes in a low-precision 0-dim parameter is cast back.
@@ -802,7 +835,51 @@ class Optimizer(abc.ABC):
                         new_slots[slot][n] = values[i]
                 if compute is not None and compute is not dtype:
                     _cast_back(names, params, new_params, slots, new_slots)
-        return new_params, OptState(new_step, new_slots)
+        return new_params, OptState(new_step, new_slots, count)
+
+    def _produced(self, k: str, value: Any, raw: Any, name: str, step: int) -> Any:
+        """``value``, which ``raw`` gives at training ``step``, after checking what function schedules
+        in it returned against ``k``'s range (values schedules are checked elementwise in init)."""
+        if k in _FLAGS:
+            return value
+        ranges = self._range(k)
+        pairs = zip(raw, value, strict=True) if isinstance(raw, tuple) else [(raw, value)]
+        for i, (r, x) in enumerate(pairs):
+            label = f"{k}[{i}]" if isinstance(raw, tuple) else k
+            if isinstance(r, Mapping):
+                r, label = r[name], f"{label}[{name!r}]"
+            if not isinstance(r, Schedule) or r.fn is None:
+                continue
+            valid = ranges if isinstance(ranges, _Range) else ranges[i]
+            if isinstance(x, Tensor):
+                if _is_functorch_wrapped(x) or x.is_meta:
+                    continue
+                with torch.no_grad():
+                    ok = valid.holds_tensor(x).all()
+                if x.device.type != "cpu":
+                    self._pending.append((step, label, x.detach(), ok, valid))
+                    if len(self._pending) >= _FLAG_EVERY:
+                        self._read_schedule_flags()
+                    continue
+                if not bool(ok):
+                    raise ValueError(self._bad_produced(label, step, _tensor_value(x, valid), valid))
+            elif not valid.holds(x):
+                raise ValueError(self._bad_produced(label, step, repr(x), valid))
+        return value
+
+    def _bad_produced(self, label: str, step: int, got: str, valid: _Range) -> str:
+        return _BAD_PRODUCED.format(cls=type(self).__name__, label=label, step=step, got=got, valid=valid)
+
+    def _read_schedule_flags(self) -> None:
+        """Read the range flags of values that function schedules returned on an accelerator (one sync)."""
+        if not self._pending:
+            return
+        pending, self._pending[:] = list(self._pending), []
+        oks = torch.stack([ok.to(pending[0][3].device) for *_, ok, _ in pending])
+        if bool(oks.all()):
+            return
+        step, label, x, _, valid = pending[int((~oks).nonzero()[0, 0])]
+        raise ValueError(self._bad_produced(label, step, _tensor_value(x, valid), valid))
 
     def _kind(self, group: int, name: str) -> tuple[bool, bool, bool]:
         """Whether a group has Tensor values, values to resolve (dicts, schedules) and dicts of
@@ -1052,7 +1129,7 @@ def _check_given_state(
         except (RuntimeError, NotImplementedError):
             template = optimizer.init(dict(params))
     devices = {k: v.device for k, v in params.items()}
-    return _checked_state(template, state.step, state.slots, where, "the given state", devices, tasks)
+    return _checked_state(template, state.step, state.slots, where, "the given state", devices, tasks, state.count)
 
 
 def _check_params(params: object, arg: str, where: str) -> None:
@@ -1179,6 +1256,13 @@ def _tensor_value(x: Tensor, valid: _Range) -> str:
 _BAD_SAVED = (
     "{where}: the state_dict's {label} is {got}, but it must be {valid}. The checkpoint holds an invalid "
     "value: save it again from a valid optimizer, or fix the entry. Nothing was loaded: the optimizer is unchanged."
+)
+_FLAG_EVERY = 32
+_BAD_PRODUCED = (
+    "{cls}.update: the {label} Schedule's function returned {got} for training step {step}, but {label} must be "
+    "{valid}. A function schedule must stay in range for every step of the run: clamp it "
+    "(e.g. lambda t: max(0.0, 0.1 * (1 - t / 5))), use a decay that stays in range (0.1 * 0.9**t), "
+    "or train for fewer steps."
 )
 _UNDERFLOW = (
     "{cls}.init: {label}={got} rounds to 0 in {dtype}, the dtype of parameter {name!r} (its smallest "
