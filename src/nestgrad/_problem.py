@@ -400,6 +400,7 @@ class Problem:
 
     def _read_flags(self) -> None:
         """Read the flags accumulated on an accelerator (one sync) and raise at the first bad step."""
+        self.optimizer._read_schedule_flags()  # the range flags of what function schedules returned there
         if not self._flags:
             return
         steps = [t for t, _ in self._flags]
