@@ -221,7 +221,8 @@ class _Trajectory:
         values = self.first if t == 0 else [buffer[t // self.every - 1] for buffer in self.buffers]
         n = len(self.names)
         state = self.template.with_tensors(values[n:])
-        return dict(zip(self.names, values[:n], strict=True)), OptState(self.counts[t], state.slots, self.training_steps[t])
+        state = OptState(self.counts[t], state.slots, self.training_steps[t])
+        return dict(zip(self.names, values[:n], strict=True)), state
 
 
 _TOO_BIG = (
