@@ -14,6 +14,17 @@ class Schedule:
     Steps count from 1, as in ``torch.optim``: the update that makes step ``t``
     uses ``values[t - 1]``, or ``fn(t)``.
 
+    ``t`` is the training step: the number of ``update()`` calls so far, plus one
+    (``OptState.count``, which a run started from ``state=`` continues). Every
+    parameter reads the same entry at a step, also one that received no gradient at
+    earlier steps, as ``torch.optim`` with one ``LambdaLR.step()`` per training step;
+    bias corrections (Adam's ``1 - beta**t``) still count each parameter's own updates.
+
+    What a function returns is checked against the hyperparameter's range at each step
+    (a float or CPU Tensor at once; a Tensor on an accelerator by a flag on the device,
+    read with the run's finite flags): ``Schedule(lambda t: 0.1 * (1 - t / 5))`` raises
+    at step 6, where it turns negative.
+
     A Tensor of values is a learnable schedule (Maclaurin et al., 2015): every
     hypergradient method (``Unroll``, ``Reverse``,
     ``Forward``, ...) differentiates with respect to each entry,
