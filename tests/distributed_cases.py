@@ -265,8 +265,10 @@ def run_misuse(world: int, rank: int) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------- agreement
-def run_agreement(world: int, rank: int) -> dict[str, str]:
-    """Ranks that differ in one setting each: every rank must raise (and stay in step for the next case)."""
+def run_agreement(world: int, rank: int, only: str = "") -> dict[str, str]:
+    """Ranks that differ in one setting each: every rank must raise (and stay in step for the next case).
+
+    ``only``: run that case alone (to see one case on its own, e.g. on an older nestgrad)."""
     d = dataset()
     net = model("mlp")
     x, y = shard(d["x"], world, rank), shard(d["y"], world, rank)
@@ -274,7 +276,7 @@ def run_agreement(world: int, rank: int) -> dict[str, str]:
 
     def loss_fn(p: dict[str, Tensor], batch: Any, h: Any) -> Tensor:
         xb, yb = batch
-        out = ng.call(net, p, xb)
+        out = ng.call(net, {k: v for k, v in p.items() if k != "scale"}, xb) * p.get("scale", 1.0)  # scale: frozen
         return F.mse_loss(out * h if isinstance(h, Tensor) else out, yb)
 
     def train(opt: Any = None, **kw: Any) -> Any:
@@ -287,50 +289,45 @@ def run_agreement(world: int, rank: int) -> dict[str, str]:
     r = rank
     ones = torch.ones(2, dtype=torch.float64)
     warm = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1, momentum=0.9), [(x, y)], steps=2, return_state=True)
-    out = {
-        "lr": _error(lambda: train(ng.optim.SGD(lr=0.1 if r == 0 else 0.2))),
-        "betas": _error(lambda: train(ng.optim.Adam(lr=0.1, betas=(0.9, 0.999 if r == 0 else 0.99)))),
-        "nesterov": _error(lambda: train(ng.optim.SGD(lr=0.1, momentum=0.9, nesterov=r == 1))),
-        "foreach": _error(lambda: train(ng.optim.SGD(lr=0.1, foreach=r == 0))),
-        "lr_tensor": _error(lambda: train(ng.optim.SGD(lr=torch.tensor(0.1 if r == 0 else 0.2, dtype=torch.float64)))),
-        "groups": _error(lambda: train(ng.optim.SGD(lr=0.1, groups=[{"params": ["0.*"], "lr": 0.05}] if r else None))),
-        "group_lr": _error(lambda: train(ng.optim.SGD(lr=0.1, groups=[{"params": ["0.*"], "lr": 0.05 * (r + 1)}]))),
-        "schedule_fn": _error(lambda: train(ng.optim.SGD(lr=ng.optim.Schedule(lambda t: 0.1 / (t + r))))),
-        "schedule_values": _error(lambda: train(ng.optim.SGD(lr=ng.optim.Schedule(ones * 0.1 * (r + 1))))),
-        "state": _error(  # each rank warmed up on its own shard: the momentum buffers differ
-            lambda: train(ng.optim.SGD(lr=0.1, momentum=0.9), state=warm[1])
+    warm_r = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1, momentum=0.9), [(x, y)], steps=2 + r, return_state=True)
+    cases: dict[str, Callable[[], Any]] = {
+        "lr": lambda: train(ng.optim.SGD(lr=0.1 if r == 0 else 0.2)),
+        "betas": lambda: train(ng.optim.Adam(lr=0.1, betas=(0.9, 0.999 if r == 0 else 0.99))),
+        "nesterov": lambda: train(ng.optim.SGD(lr=0.1, momentum=0.9, nesterov=r == 1)),
+        "foreach": lambda: train(ng.optim.SGD(lr=0.1, foreach=r == 0)),
+        "lr_tensor": lambda: train(ng.optim.SGD(lr=torch.tensor(0.1 if r == 0 else 0.2, dtype=torch.float64))),
+        "groups": lambda: train(ng.optim.SGD(lr=0.1, groups=[{"params": ["0.*"], "lr": 0.05}] if r else None)),
+        "group_lr": lambda: train(ng.optim.SGD(lr=0.1, groups=[{"params": ["0.*"], "lr": 0.05 * (r + 1)}])),
+        "schedule_fn": lambda: train(ng.optim.SGD(lr=ng.optim.Schedule(lambda t: 0.1 / (t + r)))),
+        "schedule_values": lambda: train(ng.optim.SGD(lr=ng.optim.Schedule(ones * 0.1 * (r + 1)))),
+        # Each rank warmed up on its own shard: the momentum buffers differ.
+        "state": lambda: train(ng.optim.SGD(lr=0.1, momentum=0.9), state=warm[1]),
+        "state_steps": lambda: train(
+            ng.optim.SGD(lr=0.1, momentum=0.9),
+            state=_same_slots(warm_r[1]),
         ),
-        "state_steps": _error(
-            lambda: train(
-                ng.optim.SGD(lr=0.1, momentum=0.9),
-                state=warm[1]._replace(step={k: 2 + r for k in warm[1].step}, slots=_same_slots(warm[1])),
-            )
+        "bucket_mb": lambda: train(parallel=ng.DataParallel(bucket_mb=25.0 if r == 0 else 1e-5)),
+        "reduce": lambda: train(parallel=ng.DataParallel(reduce="mean" if r == 0 else "sum")),
+        "shard_hparams": lambda: train(
+            hparams=torch.ones(1, dtype=torch.float64), parallel=ng.DataParallel(shard_hparams=r == 1)
         ),
-        "bucket_mb": _error(lambda: train(parallel=ng.DataParallel(bucket_mb=25.0 if r == 0 else 1e-5))),
-        "reduce": _error(lambda: train(parallel=ng.DataParallel(reduce="mean" if r == 0 else "sum"))),
-        "shard_hparams": _error(
-            lambda: train(hparams=torch.ones(1, dtype=torch.float64), parallel=ng.DataParallel(shard_hparams=r == 1))
-        ),
-        "checkpoint_every": _error(lambda: train(method=ng.Reverse(checkpoint_every=None if r == 0 else 1))),
-        "solver": _error(lambda: train(method=ng.Implicit(ng.CG(max_steps=5 + r)))),
-        "zo_unseeded": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1))),
-        "zo_seed": _error(lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1, seed=r))),
-        "zo_samples": _error(lambda: train(method=ng.ZerothOrder(samples=1 + r, sigma=0.1, seed=0))),
-        "check_finite": _error(lambda: train(check_finite=r == 0)),
-        "return_state": _error(lambda: train(return_state=r == 1)),
-        "tasks": _error(lambda: train(tasks=2 if r == 1 else None)),
-        "frozen": _error(lambda: train(params={**params, "scale": torch.full((1,), 1.0 + r, dtype=torch.float64)})),
-        "params_bits": _error(  # one element one ulp apart: float sums could miss it, the bits do not
-            lambda: train(
-                params={
-                    **params,
-                    "0.bias": params["0.bias"].detach().clone().requires_grad_()
-                    if r == 0
-                    else _one_ulp(params["0.bias"]),
-                }
-            )
+        "checkpoint_every": lambda: train(method=ng.Reverse(checkpoint_every=None if r == 0 else 1)),
+        "solver": lambda: train(method=ng.Implicit(ng.CG(max_steps=5 + r))),
+        "zo_unseeded": lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1)),
+        "zo_seed": lambda: train(method=ng.ZerothOrder(samples=1, sigma=0.1, seed=r)),
+        "zo_samples": lambda: train(method=ng.ZerothOrder(samples=1 + r, sigma=0.1, seed=0)),
+        "check_finite": lambda: train(check_finite=r == 0),
+        "return_state": lambda: train(return_state=r == 1),
+        "tasks": lambda: train(tasks=2 if r == 1 else None),
+        "frozen": lambda: train(params={**params, "scale": torch.full((1,), 1.0 + r, dtype=torch.float64)}),
+        # One element one ulp apart: a float sum could miss it, the bits do not.
+        "params_bits": lambda: train(
+            params={**params, "0.bias": _one_ulp(params["0.bias"]) if r else params["0.bias"]}
         ),
     }
+    out = {k: _error(fn) for k, fn in cases.items() if not only or k == only}
+    if only and only != "nan":
+        return out
     out["after"] = _error(lambda: train())  # the ranks are still in step
 
     # A NaN in rank 1's batch at step 1: rank 1 names its own loss, rank 0 says the gradient came from rank 1.
@@ -342,8 +339,9 @@ def run_agreement(world: int, rank: int) -> dict[str, str]:
     return out
 
 
-def _same_slots(state: Any) -> dict[str, dict[str, Tensor]]:
-    return {slot: {n: torch.zeros_like(t) for n, t in v.items()} for slot, v in state.slots.items()}
+def _same_slots(state: Any) -> Any:
+    """``state`` with its step counts, and zeros in every slot (the same on every rank)."""
+    return state.with_tensors([torch.zeros_like(t) for t in state.tensors()])
 
 
 def _one_ulp(t: Tensor) -> Tensor:
@@ -397,7 +395,7 @@ def worker(rank: int, world: int, store: str, outdir: str, jobs: list[str], seco
             elif kind == "misuse":
                 results[job] = run_misuse(world, rank)
             elif kind == "agreement":
-                results[job] = run_agreement(world, rank)
+                results[job] = run_agreement(world, rank, arg)
             elif kind == "failing_data":  # the last job: rank 1's group is out of step afterwards
                 results[job] = run_failing_data(world, rank)
             elif kind == "fail" and rank == int(arg):

@@ -105,11 +105,11 @@ def test_replicated_hparam_used_outside_train(two: list[dict[str, Any]]) -> None
 
 
 MISUSE = {
-    "steps": "ranks disagree on steps: rank 0: 2, rank 1: 3",
+    "steps": "ranks disagree on steps: rank 0 has 2, rank 1 has 3",
     "shapes": "ranks disagree on params",
     "values": "different values on different ranks",
     "empty": "rank 1 cannot train: its shard of the data is empty",
-    "seed": "ranks disagree on method",
+    "seed": "Pass ng.ZerothOrder(..., seed=...) with the same seed on every rank",
     "forward_mode": "forward-mode AD (torch.func.jvp) cannot carry that collective",
     "mixed": "computed both from the output of a data-parallel computation",
 }
