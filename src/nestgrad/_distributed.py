@@ -198,9 +198,14 @@ class DataParallel:
         bucket_mb: gradients are flattened into buckets of about this many MiB, one
             all-reduce per bucket (as DDP does), not one per tensor.
 
-    Each call checks once, with one small all-gather, that the ranks agree on ``steps``, the
-    method, the shapes of params and hparams, and that replicated tensors have the same values,
-    and raises on every rank with what differs otherwise. Every rank must then build the same
+    Each call checks once, with one small all-gather before any other collective, that the ranks
+    agree on every setting (``steps``, the method and its settings, every optimizer hyperparameter,
+    group and schedule, ``reduce``, ``bucket_mb``, ``shard_hparams``, ``check_finite``,
+    ``return_state``, the names, shapes and dtypes of params, hparams and state) and that every
+    replicated tensor (params, frozen weights, replicated hparams, the optimizer's Tensors, the given
+    ``state=``) has the same bits, and raises on every rank naming what differs otherwise. A rank
+    whose run raises leaves its error in the process group's store: the others raise
+    ``nestgrad.distributed.RankFailedError`` naming it. Every rank must then build the same
     graph: the collectives of a backward pass run in the order autograd visits them.
 
     Example (on every rank, launched with ``torchrun --nproc_per_node 2``)::
