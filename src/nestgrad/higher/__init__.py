@@ -65,6 +65,11 @@ Differences from ``higher``
   ``torch.optim`` optimizer, not deep-copied, so gradients reach them.
 * ``copy_initial_weights=False``: the initial fast weights *are* ``model.parameters()``
   (``higher`` uses ``clone()`` of them); the gradients are the same.
+* ``innerloop_ctx(..., method=...)`` raises: the loop records every step, as
+  ``nestgrad.Unroll()``, and a method that re-runs the steps in the backward pass
+  (``nestgrad.Reverse()``, checkpointed or not) needs the step's loss as a function, which
+  ``diffopt.step(loss)`` does not receive. docs/higher.md shows the same loop as a
+  ``nestgrad.train`` call, where ``method=nestgrad.Reverse()`` holds far less memory.
 
 As in ``higher``
 ----------------
