@@ -341,7 +341,7 @@ class Problem:
         if all(g is None for g in grads):
             raise RuntimeError(_NOT_USED.format(t=t))
         if self.parallel is not None:  # data-parallel (_distributed.py): the ranks' gradients, all-reduced
-            return self.parallel.gradients(dict(zip(params, grads, strict=True)))
+            return self.parallel.gradients(dict(zip(params, grads, strict=True)), t)
         return dict(zip(params, grads, strict=True))
 
     def step(
@@ -417,6 +417,9 @@ class Problem:
     def _nonfinite(self, t: int, step: tuple[Any, ...], late: str = "") -> NonFiniteError:
         loss, before, grads, new, new_state = step
         hp = list(zip(self.hparam_names(), self.hparam_tensors(), strict=True))
+        if self.parallel is not None:  # data-parallel (_distributed.py): blames the rank whose data was not finite
+            sync = self.parallel
+            return sync.nonfinite(self.method, t, self.steps, loss, before, grads, new, new_state.slots, hp, late)
         return training_error(self.method, t, self.steps, loss, before, grads, new, new_state.slots, hp, late)
 
     def fit(

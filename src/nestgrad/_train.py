@@ -151,8 +151,9 @@ def train(
     sync = None
     if parallel is not None:  # data-parallel (_distributed.py): check the ranks agree, wrap replicated inputs
         sync, loss_fn, trainable, optimizer, hparams = enter(
-            parallel, loss_fn, params, trainable, optimizer, data, steps, hparams, method, state, tasks
-        )
+            parallel, loss_fn, params, trainable, optimizer, data, steps, hparams, method, state, tasks,
+            check_finite, return_state,
+        )  # fmt: skip
     check = bool(leaves) and torch.is_grad_enabled() and method.needs_path and any(t.requires_grad for _, t in leaves)
     strict = isinstance(method, AdjointMethod) and torch.is_grad_enabled()
     buffers = RunBuffers(frozen)
@@ -164,7 +165,9 @@ def train(
     versions = _write_counts(frozen)
     # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.
     try:
-        trained, final = method.run(problem, {k: v.clone() for k, v in trainable.items()})
+        clones = {k: v.clone() for k, v in trainable.items()}
+        # Data-parallel: a rank that fails leaves its error for the others, which then raise naming it.
+        trained, final = method.run(problem, clones) if sync is None else sync.guard(method.run, problem, clones)
     except NonFiniteError as err:
         where = nonfinite_tasks(loss_fn) if tasks is not None else ""
         if not where:
