@@ -274,7 +274,7 @@ class Sync:
         non-finite all-reduced gradient can be blamed on the rank it came from (``nonfinite``).
         """
         names = [k for k, g in grads.items() if g is not None]
-        self.notes["where"] = "the all-reduce of the gradients" + ("" if t is None else f" of step {t}")
+        self.notes["where"] = t  # a step: formatted only for a message (no per-step string work)
         if self.notes.get("keep"):
             self.notes["local"] = (t, grads)
         reduced = all_reduce([grads[k] for k in names], self, mean=self.mean)  # type: ignore[misc]
@@ -308,7 +308,10 @@ class Sync:
 
     def peer_failed(self, raw: BaseException, what: str | None = None) -> RankFailedError:
         """The error for a collective that failed because another rank did: who, and why, when it said so."""
-        what = what or self.notes.get("where") or "a collective of the data-parallel run"
+        where = self.notes.get("where")
+        if isinstance(where, int):
+            where = f"the all-reduce of the gradients of step {where}"
+        what = what or where or "a collective of the data-parallel run"
         raw_text = _clip(" ".join(str(raw).split()), 300)
         failed: list[tuple[int, str]] = []
         if self.store is not None:
