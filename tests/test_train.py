@@ -514,3 +514,19 @@ def test_unroll_warn_memory_none_never_warns_and_bad_values_raise():
     for bad in (0, 1.5, "half", True):
         with pytest.raises(ValueError, match=r"^nestgrad\.Unroll: warn_memory must be None .* in \(0, 1\]"):
             ng.Unroll(warn_memory=bad)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["hypergradient", "no_grad"])
+def test_hparams_on_another_device_are_named_with_the_fix(grad: bool) -> None:
+    """An hparam on another device than the params: a nestgrad error naming where each input lives (the meta
+    device stands in for an accelerator here), not torch's bare device error."""
+    p = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
+    A = torch.zeros(3, dtype=torch.float64, device="meta", requires_grad=True)
+
+    def loss_fn(p, batch, A):
+        return ((p["w"] * A - batch) ** 2).sum()
+
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="on different devices") as info:
+        ng.train(loss_fn, p, ng.optim.SGD(lr=0.1), [torch.ones(3, dtype=torch.float64)], steps=2, hparams=A)
+    assert "params on cpu, hparams on meta, the batch on cpu" in str(info.value)
+    assert "A.to(device)" in str(info.value)

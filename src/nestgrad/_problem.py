@@ -176,6 +176,28 @@ def _binding_error(err: TypeError, frame: Any) -> bool:
     return tb is not None and tb.tb_frame is frame and "positional argument" in str(err)
 
 
+_DEVICE_ERRORS = ("Expected all tensors to be on the same device", "is not on the expected device",
+                  "found at least two devices")  # fmt: skip
+
+
+def _devices_message(
+    method: str, t: int, params: Mapping[str, Tensor], batch: Any, hparams: Any, err: Exception
+) -> str:
+    """Where loss_fn's inputs live, for a device mismatch inside it: params, hparams and the batch."""
+
+    def devices(tree: Any) -> str:
+        found = sorted({str(x.device) for x in pytree.tree_leaves(tree) if isinstance(x, Tensor)})
+        return " and ".join(found) if found else "no tensors"
+
+    where = f"params on {devices(dict(params))}, hparams on {devices(hparams)}, the batch on {devices(batch)}"
+    return (
+        f"nestgrad.train ({method}): at step {t}, loss_fn combined tensors on different devices ({where}); "
+        f"torch said: {str(err).rstrip('.!')}. Move them to one device before calling train: the model and params with "
+        f"model.to(device), the hparams with A.to(device) (a leaf: torch.zeros(n, device=device, "
+        f"requires_grad=True)), the batches with x.to(device)."
+    )
+
+
 def _check_loss(loss: Any, t: int) -> None:
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         got = _describe(loss)
@@ -292,6 +314,8 @@ class Problem:
         except RuntimeError as err:
             if "leaf Variable that requires grad is being used in an in-place operation" in str(err):
                 raise RuntimeError(_IN_PLACE.format(method=self.method, t=t, what="one of the params")) from err
+            if any(m in str(err) for m in _DEVICE_ERRORS):
+                raise RuntimeError(_devices_message(self.method, t, full, batch, hp, err)) from err
             raise
         except TypeError as err:  # a loss_fn whose signature inspect could not read, called with 3 arguments
             if not _binding_error(err, inspect.currentframe()):
