@@ -14,6 +14,7 @@ from ._distributed import DataParallel, enter, leave
 from ._nonfinite import NonFiniteError
 from ._problem import LossFn, Problem, check_loss_fn, hparam_leaves
 from ._tasks import Tasks, as_tasks, check_hparams, nonfinite_tasks, stack_params, vectorise
+from .diagnostics._explain import tracked
 from .methods._base import AdjointMethod, Method, Unroll
 from .optim._base import Optimizer, OptState, _check_given_state, _check_params, _describe
 
@@ -139,7 +140,8 @@ def train(
         check_hparams(tasks, optimizer, trainable)
     _check_start(method, trainable, state)
     leaves = list(hparam_leaves(hparams)) if hparams is not None else []
-    if leaves and torch.is_grad_enabled() and not any(t.requires_grad for _, t in leaves):
+    untracked = not any(tracked(t) for _, t in leaves)  # under ng.explain, the cut is reported instead
+    if leaves and torch.is_grad_enabled() and not any(t.requires_grad for _, t in leaves) and untracked:
         names = ", ".join(p for p, _ in leaves[:3])
         warnings.warn(
             f"nestgrad.train: hparams were given ({names}) but none requires grad, so the trained "

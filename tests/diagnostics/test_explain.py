@@ -447,3 +447,27 @@ def test_require_path_explains_a_cut_loss_and_returns_the_report_of_an_unused_on
     assert report is not None and report.status == "unused"
     assert "never used a value derived from the hparams" in str(report)
     assert require_path((X @ A).sum(), A, rerun=lambda A: (X @ A).sum()) is None
+
+
+def test_explain_of_a_cut_hparam_gives_no_requires_grad_warning_whose_fix_does_not_apply() -> None:
+    """Under ng.explain, hparams computed from the explained ones through a cut are reported as cut, without
+    train's "none requires grad ... call .requires_grad_()" warning (its fix does not apply to them);
+    outside explain the warning stays."""
+    X, y = torch.randn(16, 4), torch.randn(16)
+    A = torch.zeros(16, requires_grad=True)
+
+    def loss_fn(p, batch, wt):
+        return (wt * (batch[0] @ p["w"] - batch[1]) ** 2).mean()
+
+    def outer(A):
+        weights = (torch.sigmoid(A) > 0.5).double()  # a comparison: piecewise constant in A
+        w = ng.train(loss_fn, {"w": torch.zeros(4, requires_grad=True)}, ng.optim.SGD(lr=0.1), [(X, y)], steps=3,
+                     hparams=weights)  # fmt: skip
+        return (X @ w["w"]).pow(2).mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DisconnectedError, match="CUT"):
+            explain(outer, A)
+    with pytest.warns(UserWarning, match="none requires grad"):
+        outer(A)

@@ -78,7 +78,7 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 Status = Literal["connected", "partly cut", "cut", "unused"]
 
@@ -433,6 +433,18 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         return self.tracker._call(func, args, kwargs or {})
+
+
+def tracked(t: Tensor) -> bool:
+    """Whether a ``tracking()`` active in this thread follows ``t``: it was computed from the tracked hparams.
+
+    ``train`` asks, so that it does not tell a user to call ``.requires_grad_()`` on a weight that
+    ``explain`` is about to report as computed from the hparams through a cut (a comparison, a detach).
+    """
+    for mode in _get_current_function_mode_stack():
+        if isinstance(mode, _Mode) and mode.tracker._get(t) is not None:
+            return True
+    return False
 
 
 class Tracker:
