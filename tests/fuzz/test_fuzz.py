@@ -33,9 +33,9 @@ import space
 
 import optim_db
 
-QUICK = 100
-SLOW = 400
-DISTRIBUTED = {2: 16, 3: 8}
+QUICK = 300
+SLOW = 2000
+DISTRIBUTED = {2: 40, 3: 20}
 CASE_TIMEOUT_S = 60  # a hang fails the case instead of the suite
 
 _many = int(os.environ.get("NESTGRAD_FUZZ_CASES", "0"))
