@@ -181,11 +181,11 @@ def use_check() -> None:
         out = ng.train(loss_fn, p, ng.optim.SGD(lr=0.1), [(X, Y)], steps=3, hparams=A)
         return ((X @ out["w"] + out["b"]) ** 2).mean()
 
-    if inferring():
+    if inferring():  # its own message, also for an fn that trains nothing
         try:
-            ng.check(fn, A)
+            ng.check(lambda A: (A**2).sum(), A)
         except RuntimeError as err:
-            if "inference_mode" not in str(err):
+            if "nestgrad.check: called inside torch.inference_mode()" not in str(err):
                 raise
             return
         raise AssertionError("ng.check ran inside inference_mode instead of raising")
@@ -205,11 +205,11 @@ def use_explain() -> None:
         out = ng.train(loss_fn, p, ng.optim.SGD(lr=0.1), [(X, Y)], steps=2, hparams=A)
         return ((X @ out["w"] + out["b"]) ** 2).mean()
 
-    if inferring():
+    if inferring():  # its own message, also for an fn that trains nothing
         try:
-            ng.explain(fn, A)
+            ng.explain(lambda A: (A**2).sum(), A)
         except RuntimeError as err:
-            if "inference_mode" not in str(err):
+            if "nestgrad.explain: called inside torch.inference_mode()" not in str(err):
                 raise
             return
         raise AssertionError("ng.explain ran inside inference_mode instead of raising")

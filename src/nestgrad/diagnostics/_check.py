@@ -11,6 +11,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from ._explain import INFERENCE_MODE
+
 Verdict = Literal["passed", "failed", "no signal"]
 
 _FLOAT32 = (
@@ -428,6 +430,8 @@ def check(
         >>> result.passed
         True
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(INFERENCE_MODE.format(where="nestgrad.check"))
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
         raise ValueError(f"nestgrad.check: directions must be an int >= 1; got {directions!r}.")
     if eps is not None and not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):

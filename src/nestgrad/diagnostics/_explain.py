@@ -435,6 +435,13 @@ class _Mode(TorchFunctionMode):
         return self.tracker._call(func, args, kwargs or {})
 
 
+INFERENCE_MODE = (
+    "{where}: called inside torch.inference_mode(), where autograd records nothing, so there is no "
+    "hypergradient to find a path for or to check. Call it outside inference_mode (torch.no_grad() inside "
+    "fn is fine: it is reported as a cut)."
+)
+
+
 def tracked(t: Tensor) -> bool:
     """Whether a ``tracking()`` active in this thread follows ``t``: it was computed from the tracked hparams.
 
@@ -866,6 +873,8 @@ def explain(fn: Callable[[Any], Tensor], hparams: Any) -> PathReport:
     """
     if isinstance(fn, Tensor) or not callable(fn):
         raise TypeError(_NEED_FN.format(got=type(fn).__name__))
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(INFERENCE_MODE.format(where="nestgrad.explain"))
     with tracking(hparams) as tracker:
         loss = fn(hparams)
     report = tracker.report(loss)
