@@ -74,8 +74,8 @@ class Adam(Optimizer):
         maximize, groups, foreach: see ``Optimizer``.
 
     Examples:
-        >>> lr = torch.tensor(1e-3, requires_grad=True)
-        >>> opt = Adam(lr=lr, betas=(0.9, 0.999), eps_root=1e-16)
+        >>> lr = torch.tensor(1e-3, requires_grad=True)  # a meta-learned learning rate
+        >>> opt = Adam(lr=lr, betas=(0.9, 0.999))  # the default eps_root=1e-30 keeps meta-gradients finite
 
     Matches ``torch.optim.Adam`` step for step.
     """
