@@ -457,6 +457,17 @@ def footer(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def caption(curve: list[float], final: float, curve_label: str) -> str:
+    """The figure's caption: what the curve is, where it peaked and ended, and what reached the table's number."""
+    peak = int(np.argmax(curve))
+    return (
+        f"The curve ({curve_label}) is the model trained during the run, not the table's recipe: it peaks at "
+        f"{curve[peak]:.1%} at outer step {peak + 1} and ends at {curve[-1]:.1%}. The table's nestgrad number, "
+        f"{final:.1%}, is a fresh model retrained on the final weights (the dot); the dashed lines are fresh "
+        f"models too."
+    )
+
+
 def plot(
     results: dict[str, Any],
     path: Path,
@@ -508,6 +519,7 @@ def plot(
     right.set(xlabel="outer step", ylabel=f"{accuracy_label} (%)", title=title)
     # The dashed lines and the dot are fresh models trained with the table's recipe; the curve is not.
     right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False, fontsize="small")
+    fig.supxlabel(caption(results["test_accuracy"], acc["nestgrad"], curve_label), fontsize="small", wrap=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
