@@ -102,7 +102,7 @@ def draw(seed: int, world: int = 1) -> Config:
         kwargs = {**info.base, **r.choice(info.settings)}
         lr_form = r.choice(LR_FORMS)
         meta = None
-        others = [m for m in info.meta if m != "lr"]
+        others = [m for m in info.meta if m != "lr" and not (m == "dampening" and kwargs.get("nesterov"))]
         if others and r.random() < 0.3:
             m = r.choice(others)
             meta = (m, None) if isinstance(m, str) else m
