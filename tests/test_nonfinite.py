@@ -271,11 +271,25 @@ def test_unroll_runs_are_freed_without_the_cycle_collector(backward):
     x, y = regression()
     A = torch.ones(20, requires_grad=True)
     w0 = {"w": torch.zeros(3, requires_grad=True)}
-    saved = []  # weak references to a tensor that each step's graph saves (the residual, for pow's backward)
+    saved = []  # weak references to an object that each step's graph node holds (in its ctx)
+
+    class Token:
+        pass
+
+    class Mark(torch.autograd.Function):  # an identity whose node holds a token: alive exactly as long as the graph
+        @staticmethod
+        def forward(ctx, r, token):
+            ctx.token = token
+            return r.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
 
     def loss_fn(p, batch, A):
-        r = x @ p["w"] - y
-        saved.append(weakref.ref(r))
+        token = Token()
+        saved.append(weakref.ref(token))
+        r = Mark.apply(x @ p["w"] - y, token)
         return (A * r**2).mean()
 
     gc.collect()
