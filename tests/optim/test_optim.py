@@ -285,3 +285,20 @@ def test_eps_root_keeps_meta_gradients_finite_when_a_gradient_is_exactly_zero(cl
     g = meta_grad(1e-30)
     assert torch.isfinite(g) and g != 0
     assert cls().defaults["eps_root"] == 1e-30  # the default is the safe one
+
+
+@pytest.mark.parametrize("case", cases(), ids=case_id)
+def test_float64_results_do_not_depend_on_the_default_dtype(case, digits):
+    """float64 weights train the same, bit for bit, whatever the default dtype: no constant made inside an
+    update may take the default dtype (Rprop's step-size factors were float32 under a float32 default)."""
+    info, kwargs = case
+    ref = ours_trajectory(info.ours(**kwargs), digits, 10)[-1]  # under the float64 fixture
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        got = ours_trajectory(info.ours(**kwargs), digits, 10)[-1]
+    finally:
+        torch.set_default_dtype(previous)
+    for k in ref:
+        assert got[k].dtype is torch.float64
+        assert torch.equal(got[k], ref[k]), f"{k} differs by {max_rel(got, ref):.2e} under a float32 default"

@@ -252,7 +252,8 @@ class Rprop(Optimizer):
         lo, hi = hp["step_sizes"]
         gs = _prepare(ops, ps, gs, hp)
         signs = ops.sign(ops.mul(gs, slots["prev"]))
-        factors = [torch.where(s > 0, eta_plus, torch.where(s < 0, eta_minus, 1.0)) for s in signs]
+        # In the weights' dtype: torch.where of two Python numbers would give the default dtype (float32).
+        factors = [torch.where(s > 0, eta_plus, torch.where(s < 0, eta_minus, torch.ones_like(s))) for s in signs]
         sizes = [torch.clamp(s * f, lo, hi) for s, f in zip(slots["step_size"], factors, strict=True)]
         gs = [torch.where(f == eta_minus, 0.0, g) for g, f in zip(gs, factors, strict=True)]
         ps = ops.addcmul(ps, ops.sign(gs), sizes, -1)
