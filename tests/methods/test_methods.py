@@ -99,3 +99,33 @@ def test_a_second_backward_without_retain_graph_names_the_fix():
     torch.autograd.grad(loss, A)
     with pytest.raises(RuntimeError, match=r"second time.*Reverse.*retain_graph=True"):
         torch.autograd.grad(loss, A)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [ng.Reverse(), ng.Reverse(checkpoint_every=2), ng.Forward(), ng.Forward(mode="forward"),
+     ng.Forward(mode="double-backward")],
+    ids=["reverse", "reverse-checkpointed", "forward", "forward-mode", "double-backward"],
+)  # fmt: skip
+@pytest.mark.parametrize("return_state", [False, True], ids=["weights", "weights-and-state"])
+def test_an_optimizer_returning_one_tensor_as_weight_and_state_keeps_both_gradients(method, return_state):
+    """ASGD returns its weight itself as the average until averaging starts: one tensor in two outputs. The
+    weight's gradient must not be routed to the state slot (Forward gave an exact 0; found by the fuzzer)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    a = torch.rand(6, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def loss(p, b, a):
+        return (a * (b[0] @ p["w"] - b[1]) ** 2).mean()
+
+    def hypergradient(m):
+        w = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
+        out = ng.train(loss, w, ng.optim.ASGD(lr=0.05), [(x, y)], steps=3, hparams=a, method=m,
+                       return_state=return_state)  # fmt: skip
+        trained = out[0] if return_state else out
+        return torch.autograd.grad(trained["w"].sum(), a)[0]
+
+    ref = hypergradient(ng.Unroll())
+    got = hypergradient(method)
+    assert ref.abs().max() > 1e-3
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)

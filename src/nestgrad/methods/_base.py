@@ -213,6 +213,21 @@ _STATE_NOT_DIFFERENTIATED = (
 )
 
 
+def _distinct(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The outputs, each a tensor of its own: a second occurrence of one tensor is returned as a copy.
+
+    An optimizer may return one tensor both as a weight and as a state slot (ASGD's average is the
+    weight itself until averaging starts). A tensor has one place in the graph, so autograd would
+    route the gradient of both outputs to the last one's position: the weight's would be lost.
+    """
+    seen: set[int] = set()
+    out = []
+    for x in outputs:
+        out.append(x.clone() if id(x) in seen else x)
+        seen.add(id(x))
+    return tuple(out)
+
+
 class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, method: AdjointMethod, problem: Problem, layout: Any, *tensors: Tensor) -> Any:
@@ -227,7 +242,7 @@ class _Adjoint(torch.autograd.Function):
         ctx.run = (method, problem, names, saved, m)
         ctx.zeros = [(v.shape, v.dtype, v.device) for v in (trained[k] for k in names)]
         ctx.reads = Reads(method, problem, params, trained)
-        return (*(trained[k] for k in names), *state.tensors())
+        return _distinct((*(trained[k] for k in names), *state.tensors()))
 
     @staticmethod
     @once_differentiable  # methods give first derivatives; a second one must raise, not be silently wrong
