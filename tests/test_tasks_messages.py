@@ -54,6 +54,21 @@ def test_a_per_task_lr_of_shape_n_for_a_stacked_matrix_raises_with_the_shape_to_
     assert "(1, 3)" in text  # the same per-element values in every task
 
 
+def test_a_per_element_lr_of_the_weights_own_shape_is_not_ambiguous_and_equals_a_loop():
+    """A (3, 4, 3) conv-like weight with tasks=3: an lr of exactly one task's weight shape is per element, as
+    without tasks= (it was refused because its leading size equals the number of tasks; found by the fuzzer)."""
+    torch.manual_seed(0)
+    model = nn.Conv1d(4, 3, kernel_size=3, bias=False).double()  # weight (3, 4, 3): leading size 3 == N
+    lr = torch.rand(3, 4, 3, dtype=torch.float64) * 0.1
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(N, 2, 4, 5, generator=g, dtype=torch.float64), torch.randn(N, 2, 3, 3, generator=g,
+                                                                                     dtype=torch.float64)  # fmt: skip
+    got = ng.train(loss_of(model), fresh(model), ng.optim.SGD(lr=lr), [(x, y)], steps=STEPS, tasks=N)
+    for i in range(N):
+        one = ng.train(loss_of(model), fresh(model), ng.optim.SGD(lr=lr), [(x[i], y[i])], steps=STEPS)
+        close(got["weight"][i], one["weight"])
+
+
 @pytest.mark.parametrize(
     "make",
     [

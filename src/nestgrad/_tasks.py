@@ -225,7 +225,9 @@ def check_hparams(tasks: Tasks, optimizer: Optimizer, trainable: Mapping[str, Te
     from the right, so one with fewer dimensions than a stacked weight never reaches the task
     dimension: it is shared by the tasks. When its leading size is ``n`` all the same (``(n,)``
     for a matrix, the shape a per-task value would have alone), it was most likely meant per
-    task, and this raises with the shape that says so. Values with ``1 + len(shape)`` dimensions
+    task, and this raises with the shape that says so. A value of exactly one task's weight shape,
+    with two dimensions or more, is per element (as without ``tasks=``), not ambiguous; ``(n,)`` for
+    a bias of size ``n`` is. Values with ``1 + len(shape)`` dimensions
     (tasks first), 1-element values and function schedules (which have no shape before they run)
     are not checked here; ``optimizer.init`` checks that every value broadcasts. Runs once, before
     the first step.
@@ -250,7 +252,8 @@ def check_hparams(tasks: Tasks, optimizer: Optimizer, trainable: Mapping[str, Te
                     shape = tuple(x.shape)
                 else:
                     continue
-                if shape and shape[0] == n and len(shape) < p.ndim:
+                own = shape == tuple(p.shape[1:]) and len(shape) > 1  # one task's weight shape: per element
+                if shape and shape[0] == n and len(shape) < p.ndim and not own:
                     per_task, shared = (n, *([1] * (p.ndim - 1))), (1, *shape)
                     fields = dict(n=n, cls=cls, label=label, shape=shape, name=name, stacked=tuple(p.shape))
                     raise ValueError(_AMBIGUOUS.format(**fields, per_task=per_task, shared=shared))
