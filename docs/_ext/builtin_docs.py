@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from typing import Any
 
 import griffe
@@ -22,7 +23,9 @@ class DropBuiltinDocstrings(griffe.Extension):
         if attr.docstring is None or obj is None:
             return
         inherited = inspect.getdoc(type(obj))
-        if inherited is not None and attr.docstring.value.strip() == inherited.strip():
+        text = attr.docstring.value.strip()
+        # A NamedTuple field's generated docstring says only where the field sits in the tuple.
+        if (inherited is not None and text == inherited.strip()) or re.fullmatch(r"Alias for field number \d+", text):
             attr.docstring = None
 
 
