@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LINE_LENGTH = 70  # mkdocs.yml's line_length for signatures
 BUILTIN_DOCS = [  # the first line of each built-in type's docstring, as inspection would show it
     "bool(x) -> bool", "int([x]) -> integer", "str(object='') -> str", "float(x=0, /)", "dict() -> new empty",
-    "list(iterable=(), /)", "tuple(iterable=(), /)", "Built-in immutable sequence.", "The base class of the class hierarchy",
-    "Alias for field number",
+    "list(iterable=(), /)", "tuple(iterable=(), /)", "Built-in immutable sequence.",
+    "The base class of the class hierarchy", "Alias for field number",
 ]  # fmt: skip
 
 
