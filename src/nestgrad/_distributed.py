@@ -208,7 +208,7 @@ class DataParallel:
     ``nestgrad.distributed.RankFailedError`` naming it. Every rank must then build the same
     graph: the collectives of a backward pass run in the order autograd visits them.
 
-    Example (on every rank, launched with ``torchrun --nproc_per_node 2``)::
+    Example (on every rank, launched with ``torchrun --nproc_per_node 2``):
 
         torch.distributed.init_process_group("gloo")
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -1,6 +1,6 @@
 r"""A drop-in for the ``higher`` library, built on ``nestgrad.call()`` and ``nestgrad.optim``.
 
-Change one import and existing ``higher`` code runs on nestgrad::
+Change one import and existing ``higher`` code runs on nestgrad:
 
     import nestgrad.higher as higher
 

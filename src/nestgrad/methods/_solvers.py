@@ -1,6 +1,6 @@
 r"""Matrix-free linear solvers that share one signature and report how well they converged.
 
-Every solver is a small frozen object called as::
+Every solver is a small frozen object called as:
 
     solution = solver(matvec, b, *, init=None)
 

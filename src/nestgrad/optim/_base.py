@@ -288,7 +288,7 @@ def _describe(x: object) -> str:
 class Optimizer(abc.ABC):
     """Base class of the differentiable optimizers. Not instantiated directly.
 
-    Every optimizer is a pair of pure functions in the style of optax::
+    Every optimizer is a pair of pure functions in the style of optax:
 
         state = opt.init(params)
         params, state = opt.update(grads, state, params)
