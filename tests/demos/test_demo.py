@@ -313,3 +313,23 @@ def test_the_figure_caption_says_where_the_running_curve_peaked_and_what_reached
     text = _demo.caption([0.90, 0.945, 0.93], 0.954, "running classifier (warm start)")
     assert "peaks at 94.5% at outer step 2 and ends at 93.0%" in text
     assert "95.4%, is a fresh model retrained on the final weights" in text
+
+
+@pytest.mark.parametrize("cosine", [None, 20], ids=["constant", "cosine"])
+def test_outer_adam_equals_torch_optim_adam_with_cosine_annealing(cosine) -> None:
+    """The demo's outer Adam (nestgrad's pure update, no torch._dynamo import) takes torch.optim's steps."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, generator=g, dtype=torch.float64) for _ in range(20)]
+    a = torch.zeros(7, dtype=torch.float64, requires_grad=True)
+    ours = _demo.OuterAdam(a, 0.3, cosine_steps=cosine)
+    ref = torch.zeros(7, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([ref], lr=0.3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cosine) if cosine else None
+    for grad in grads:
+        ours.step(grad)
+        ref.grad = grad.clone()
+        opt.step()
+        if schedule is not None:
+            schedule.step()
+    assert ref.detach().abs().max() > 0.1
+    torch.testing.assert_close(a.detach(), ref.detach(), rtol=1e-12, atol=1e-14)

@@ -11,7 +11,7 @@ training images with half of the labels flipped, 300 clean validation images,
    (``softmax(teacher logits / T)``) of the 1000 training images; ``hparams`` =
    the teacher's trained weights, so the student's weights are a differentiable
    function of the teacher's, which are a differentiable function of ``a``;
-3. ``a`` moves with ``torch.optim.Adam`` to lower the student's cross-entropy on
+3. ``a`` moves with Adam to lower the student's cross-entropy on
    the 300 clean validation images: the hypergradient runs back through both
    unrolled training runs.
 
@@ -43,6 +43,7 @@ from ._demo import (
     DEFAULT_OUT,
     THRESHOLD,
     Digits,
+    OuterAdam,
     Recipe,
     accuracy,
     detection_scores,
@@ -155,7 +156,7 @@ def learn_weights(
     ``nestgrad.demos._demo.inner_data()``, unnormalized loss), a student from
     scratch on the teacher's soft labels of the training images, computes the
     student's validation cross-entropy, and moves the logits ``a`` (weights
-    ``sigmoid(a)``) with ``torch.optim.Adam`` along ``d val_loss / d a``, which
+    ``sigmoid(a)``) with Adam (``OuterAdam``) along ``d val_loss / d a``, which
     autograd takes back through both unrolled training runs. The history keeps
     the student's validation loss and test accuracy (reporting only) per step,
     and the first hypergradient.
@@ -164,7 +165,7 @@ def learn_weights(
 
     pipe = Pipeline(teacher, student, seed, temperature)
     logits = torch.full((len(data.y_train),), math.log(init_weight / (1 - init_weight)), requires_grad=True)
-    outer = torch.optim.Adam([logits], lr=lr)
+    outer = OuterAdam(logits, lr)
     history = Cleaning3(weights=torch.sigmoid(logits.detach()))
     bar = tqdm(range(steps), desc="teacher->student hyper-cleaning", disable=not progress, dynamic_ncols=True)
     for _ in bar:
@@ -174,9 +175,7 @@ def learn_weights(
         (grad,) = torch.autograd.grad(val_loss, logits)
         if history.first_grad is None:
             history.first_grad = grad.detach().clone()
-        outer.zero_grad()
-        logits.grad = grad
-        outer.step()
+        outer.step(grad)
         history.val_loss.append(val_loss.item())
         history.test_accuracy.append(pipe.test_accuracy(data, trained))
         bar.set_postfix(val_loss=f"{history.val_loss[-1]:.3f}", test_acc=f"{history.test_accuracy[-1]:.3f}")
