@@ -477,7 +477,7 @@ def caption(curve: list[float], final: float, curve_label: str) -> str:
     """The figure's caption: what the curve is, where it peaked and ended, and what reached the table's number."""
     peak = int(np.argmax(curve))
     return (
-        f"The curve ({curve_label}) is the model trained during the run, not the table's recipe: it peaks at "
+        f"Green curve: the {curve_label}, i.e. the model trained during the run, not the table's recipe. It peaks at "
         f"{curve[peak]:.1%} at outer step {peak + 1} and ends at {curve[-1]:.1%}. The table's nestgrad number, "
         f"{final:.1%}, is a fresh model retrained on the final weights (the dot); the dashed lines are fresh "
         f"models too."
