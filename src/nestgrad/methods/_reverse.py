@@ -13,10 +13,11 @@ from torch.autograd.graph import get_gradient_edge
 
 from .._data import Batches, ReplayError
 from .._problem import is_out_of_memory
-from .._rng import RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
+from .._rng import _RNG_DIFFERS, RngLog, RngState, replay_rng, rng_key, rng_state, threads_cause
 from ..optim._base import OptState
 from ._base import AdjointMethod
 from ._memory import available_bytes, best_checkpoint_every, nbytes, size
+from ._revolve import ADVANCE, FREE, RESTORE, STORE, backward_actions, optimal_advances, training_stores
 
 if TYPE_CHECKING:
     from .._problem import Problem
@@ -32,10 +33,12 @@ class Reverse(AdjointMethod):
     backward pass walks the steps in reverse: it recomputes each step with a graph,
     takes its vector-Jacobian product, and frees it. The result equals ``Unroll`` to float precision.
 
-    Memory: ``T`` copies of weights and state, or ``T/k + k`` with
-    ``checkpoint_every=k`` (``k ≈ √T`` is the classic choice), against ``T``
-    full autograd graphs for ``Unroll``. Time: about one extra forward and
-    backward per step (two with checkpointing).
+    Memory: ``T`` copies of weights and state, ``T/k + k`` with
+    ``checkpoint_every=k`` (``k ≈ √T`` is the classic choice), or ``c`` with
+    ``checkpoints=c``, against ``T`` full autograd graphs for ``Unroll``. Time: about
+    one extra forward and backward per step (two with ``checkpoint_every``; with
+    ``checkpoints=c``, each step is recomputed about ``r`` times, where ``r`` is the
+    smallest integer with ``C(c + r, c) >= T``: ``r = 4`` for ``T = 1000, c = 10``).
 
     Randomness (dropout) replays exactly; batches from sequences and callables are
     re-read (and checked against a fingerprint taken in training), and batches from
@@ -49,13 +52,24 @@ class Reverse(AdjointMethod):
     Args:
         checkpoint_every: store the trajectory every ``k`` steps only and recompute
             the steps in between during the backward pass. ``None`` stores every step.
+        checkpoints: hold at most ``c`` stored (weights, optimizer state) snapshots at
+            once, the start included, and recompute the others in the backward pass on
+            Griewank and Walther's binomial (revolve) schedule, which recomputes the fewest
+            steps any schedule with ``c`` snapshots can: ``r·T - C(c + r, c + 1) - (T - 1)``
+            steps without a graph, besides the ``T`` it reverses (``r`` as above). ``c >= T``
+            stores every step, as ``Reverse()`` does (no recomputation); ``c = 1`` stores only
+            the start and recomputes ``T(T - 1)/2 - (T - 1)`` steps. An int ``>= 1``; not
+            together with ``checkpoint_every``.
 
     Examples:
         >>> trained = nestgrad.train(loss_fn, params, opt, data, steps=1000, hparams=A,
         ...                          method=nestgrad.Reverse(checkpoint_every=32))
+        >>> trained = nestgrad.train(loss_fn, params, opt, data, steps=1000, hparams=A,
+        ...                          method=nestgrad.Reverse(checkpoints=10))  # 10 snapshots
     """
 
     checkpoint_every: int | None = None
+    checkpoints: int | None = None
 
     differentiates_state: ClassVar[bool] = True
     replays_steps: ClassVar[bool] = True
@@ -72,13 +86,22 @@ class Reverse(AdjointMethod):
             raise ValueError(
                 f"nestgrad.Reverse: checkpoint_every must be None (store every step) or an int >= 1; got {k!r}."
             )
+        c = self.checkpoints
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(_BAD_CHECKPOINTS.format(c=c))
+        if c is not None and k is not None:
+            raise ValueError(_BOTH.format(k=k, c=c))
 
     def batches(self, data: Any, steps: int) -> Batches:
         return Batches(data, steps, keep=True)
 
     def forward(self, problem: Problem, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], OptState, Any]:
         problem = dataclasses.replace(problem, math_attention=True)  # the kernel the recomputation needs
-        trajectory = _Trajectory(problem.steps, self.checkpoint_every or 1, own_state=problem.state is None)
+        own = problem.state is None
+        if self.checkpoints is not None:
+            trajectory: _Trajectory = _Snapshots(problem.steps, self.checkpoints, own_state=own)
+        else:
+            trajectory = _Trajectory(problem.steps, self.checkpoint_every or 1, own_state=own)
         trained, state = problem.fit(params, before_step=trajectory.save, after_step=trajectory.save_loss)
         return trained, state, trajectory
 
@@ -97,7 +120,9 @@ class Reverse(AdjointMethod):
         grad_p: dict[str, Tensor | None] = dict(grads)
         # None: the final state does not reach the loss (unless it was returned and differentiated)
         grad_s: list[Tensor | None] | None = state_grads if any(g is not None for g in state_grads or []) else None
-        for start in reversed(range(0, problem.steps, every)):
+        if isinstance(trajectory, _Snapshots):
+            grad_p, grad_s = _binomial(problem, live, trajectory, grad_p, grad_s, wanted, grad_hp, owned)
+        for start in reversed(range(0, problem.steps if every else 0, every or 1)):
             stop = min(start + every, problem.steps)
             segment = start // every
             first = trajectory.rngs.start(segment)
@@ -209,6 +234,11 @@ class _Trajectory:
             instead=instead,
         )  # fmt: skip
 
+    @property
+    def threads(self) -> int:
+        """The most Python threads seen running during training."""
+        return self.rngs.threads
+
     def save_loss(self, t: int, loss: Tensor) -> None:
         if t == 0:
             self.losses = loss.new_empty(self.steps)
@@ -224,6 +254,192 @@ class _Trajectory:
         state = OptState(self.counts[t], state.slots, self.training_steps[t])
         return dict(zip(self.names, values[:n], strict=True)), state
 
+
+class _Snapshots(_Trajectory):
+    """At most ``c`` stored states at once, on the binomial schedule (``_revolve.py``), in buffers allocated once.
+
+    ``min(c, T) - 1`` rows per tensor besides the start (kept by reference, as in ``_Trajectory``):
+    training stores the states the schedule stores before its first reversed step, and the
+    backward pass reuses the rows it frees. The schedule counts, as revolve does, one working state
+    besides the snapshots: at the end of training it is state ``T - 1``, the input of the last step,
+    which is kept by reference until that step is reversed when the schedule did not store it
+    (with ``c = 1``, or where the schedule's last part has one snapshot left). Each snapshot keeps the
+    RNG state at its step (about 5 KB on the CPU), and training keeps a hash of the RNG state before
+    every step and after the last, so that each recomputed step is checked against training on its own.
+    """
+
+    def __init__(self, steps: int, snapshots: int, own_state: bool = True) -> None:
+        super().__init__(steps, 1, own_state)
+        self.every = 0  # no segments: ``Reverse.backward`` runs ``_binomial`` instead
+        self.snapshots = min(snapshots, steps)
+        self.requested = snapshots
+        self.stores = set(training_stores(steps, self.snapshots))
+        self.rows: dict[int, int] = {}  # stored step -> its row in the buffers
+        self.working: list[Tensor] | None = None  # state steps - 1 by reference, when not stored
+        self.free_rows: list[int] = []
+        self.rng: dict[int, RngState] = {}
+        self.hashes: list[int] = []  # hash of the RNG state before step t (t = steps: after the last)
+        self.max_threads = 1
+
+    @property
+    def threads(self) -> int:
+        return self.max_threads
+
+    def _record_rng(self) -> RngState:
+        self.max_threads = max(self.max_threads, threading.active_count())
+        state = rng_state()
+        self.hashes.append(hash(rng_key(state)))
+        return state
+
+    def save(self, t: int, params: dict[str, Tensor], state: OptState) -> None:
+        rng = self._record_rng()
+        tensors = [*params.values(), *state.tensors()]
+        if t == 0:
+            n = self.snapshots - 1
+            self.buffers = self._allocate(n, tensors) if n else []
+            self.free_rows = list(reversed(range(n)))
+            self.names, self.template = list(params), state
+            own = len(params) if not self.own_state else len(tensors)
+            self.first = [x.detach() if i < own else x.detach().clone() for i, x in enumerate(tensors)]
+        if t in self.stores:
+            self.store(t, params, state, rng)
+        elif t == self.steps - 1:  # the working state the backward pass starts from
+            self.working = [x.detach() for x in tensors]
+            self.rng[t], self.counts[t], self.training_steps[t] = rng, dict(state.step), state.count
+
+    def store(self, t: int, params: dict[str, Tensor], state: OptState, rng: RngState) -> None:
+        """Keep state ``t`` (weights, optimizer state, the RNG state before step ``t``) as a snapshot."""
+        if t != 0:
+            row = self.free_rows.pop()
+            for buffer, x in zip(self.buffers, [*params.values(), *state.tensors()], strict=True):
+                buffer[row].copy_(x)
+            self.rows[t] = row
+        self.rng[t] = rng
+        self.counts[t] = dict(state.step)
+        self.training_steps[t] = state.count
+
+    def free(self, t: int) -> None:
+        """Drop the snapshot of state ``t`` (the start stays: it is held by reference, and read at the end)."""
+        if t != 0:
+            if t in self.rows:
+                self.free_rows.append(self.rows.pop(t))
+            else:
+                self.working = None
+            del self.rng[t], self.counts[t], self.training_steps[t]
+
+    def save_loss(self, t: int, loss: Tensor) -> None:
+        if t == 0:
+            self.losses = loss.new_empty(self.steps)
+        self.losses[t] = loss
+        if t == self.steps - 1:
+            self._record_rng()
+
+    def checkpoint(self, t: int) -> tuple[dict[str, Tensor], OptState]:
+        assert self.template is not None
+        if t == 0:
+            values = self.first
+        elif t in self.rows:
+            values = [buffer[self.rows[t]] for buffer in self.buffers]
+        else:
+            assert self.working is not None and t == self.steps - 1
+            values = self.working
+        n = len(self.names)
+        state = self.template.with_tensors(values[n:])
+        state = OptState(self.counts[t], state.slots, self.training_steps[t])
+        return dict(zip(self.names, values[:n], strict=True)), state
+
+    def check(self, t: int, start: RngState, end: RngState, loss: Tensor) -> None:
+        """Raise if recomputing step ``t`` from ``start`` drew other random numbers, or gave another loss."""
+        known = _SAME_INPUTS
+        if hash(rng_key(end)) != self.hashes[t + 1]:
+            where = f"step {t}"
+            drew = self.hashes[t] != self.hashes[t + 1]
+            if drew and rng_key(end) == rng_key(start):
+                known = _NO_DRAWS.format(steps=where)
+            elif not drew:
+                known = _NEW_DRAWS.format(steps=where)
+            else:
+                cause = threads_cause(self.threads)
+                raise ReplayError(_RNG_DIFFERS.format(method="Reverse", steps=where, cause=cause))
+        _check_replay(t, loss, self, known)
+
+    def _too_big(self, n: int, per_copy: int, why: str, available: int | None) -> str:
+        fit = self.snapshots - 1 if available is None else max(1, min(available // max(per_copy, 1), self.steps))
+        extra = optimal_advances(self.steps, fit) - (self.steps - 1)
+        return _SNAPSHOTS_TOO_BIG.format(
+            c=self.requested, n=n, per=size(per_copy), need=size(n * per_copy), why=why, fit=fit, extra=extra,
+            steps=self.steps,
+        )  # fmt: skip
+
+
+def _binomial(
+    problem: Problem,
+    live: Problem,
+    trajectory: _Snapshots,
+    grad_p: dict[str, Tensor | None],
+    grad_s: list[Tensor | None] | None,
+    wanted: list[Tensor],
+    grad_hp: list[Tensor | None],
+    owned: list[bool],
+) -> tuple[dict[str, Tensor | None], list[Tensor | None] | None]:
+    """Reverse's backward pass on the binomial schedule: pull the cotangents back to the start.
+
+    Sums the hyperparameters' terms into ``grad_hp`` (in place) and returns the cotangents of the
+    initial weights and state. Every recomputed step, with or without a graph, is checked against
+    training (its RNG state and its loss) before the next one runs.
+    """
+    current: tuple[dict[str, Tensor], OptState, RngState] | None = None
+    for kind, t in backward_actions(trajectory.steps, trajectory.snapshots):
+        if kind == RESTORE:
+            current = (*trajectory.checkpoint(t), trajectory.rng[t])
+        elif kind == ADVANCE:
+            assert current is not None
+            p, s, rng = current
+            with replay_rng(rng), torch.no_grad():
+                p, s, loss = problem.step(p, s, t, create_graph=False)
+                end = rng_state()
+            current = None  # the step's inputs are freed before its outputs are checked and kept
+            trajectory.check(t, rng, end, loss)
+            current = ({k: v.detach() for k, v in p.items()}, s, end)
+            del p, s
+        elif kind == STORE:
+            assert current is not None
+            trajectory.store(t, *current)
+        elif kind == FREE:
+            trajectory.free(t)
+        else:  # REVERSE
+            assert current is not None
+            p, s, rng = current
+            current = None
+            grad_p, grad_s, step_hp, loss, end = _vjp(live, t, rng, p, s, grad_p, grad_s, wanted)
+            del p, s
+            _accumulate(grad_hp, step_hp, owned)
+            del step_hp  # this step's terms: summed into grad_hp, not held through the next step
+            trajectory.check(t, rng, end, loss)
+            if t == trajectory.steps - 1 and trajectory.working is not None:
+                trajectory.free(t)  # the working state training left: reversed, no longer needed
+    return grad_p, grad_s
+
+
+_BAD_CHECKPOINTS = (
+    "nestgrad.Reverse: checkpoints must be None (no binomial checkpointing) or an int >= 1, the most "
+    "(weights, optimizer state) snapshots held at once, the start included; got {c!r}. checkpoints=1 stores "
+    "only the start; checkpoints >= steps stores every step, as Reverse() does."
+)
+
+_BOTH = (
+    "nestgrad.Reverse: checkpoint_every={k} and checkpoints={c} were both given, but they are two ways of "
+    "choosing which steps to store: checkpoint_every=k stores every k-th step and recomputes each segment "
+    "once; checkpoints=c stores at most c snapshots on the binomial schedule. Give one of them."
+)
+
+_SNAPSHOTS_TOO_BIG = (
+    "nestgrad.train (Reverse): the snapshots cannot fit in memory: with checkpoints={c} the {steps} steps "
+    "store {n} copies of the weights and optimizer state besides the first, {per} each, {need} in all, but "
+    "{why}. Reverse(checkpoints={fit}) holds {fit} (the start included) and recomputes {extra} steps in the "
+    "backward pass; Forward() (few hyperparameters) and Implicit() (training to an optimum) keep memory "
+    "independent of the number of steps; float32 instead of float64 weights need less."
+)
 
 _TOO_BIG = (
     "nestgrad.train (Reverse): the trajectory cannot fit in memory: with checkpoint_every={every} it stores "
@@ -348,7 +564,7 @@ def _check_replay(t: int, now: Tensor, trajectory: _Trajectory, known: str) -> N
     then = trajectory.losses[t]
     if torch.allclose(now, then, rtol=1e-6, atol=0.0, equal_nan=True):
         return
-    threads = max(trajectory.rngs.threads, threading.active_count())
+    threads = max(trajectory.threads, threading.active_count())
     if threads > 1:  # other threads setting and restoring the global generator can fool the RNG check
         known = (_SAME_BATCH if known is _SAME_INPUTS else known) + threads_cause(threads) + " "
     raise ReplayError(_NOT_REPLAYED.format(t=t, now=now.item(), then=then.item(), known=known))
