@@ -40,6 +40,7 @@ _NAMES: dict[str, str] = {
     "Implicit": ".methods",
     "FiniteDiff": ".methods",
     "ZerothOrder": ".methods",
+    "SAMA": ".methods",
     "CG": ".methods",
     "Neumann": ".methods",
     "FixedPoint": ".methods",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .diagnostics import CheckResult, DisconnectedError, PartialPathWarning, PathReport, check, explain, tracking
     from .methods import (
         CG,
+        SAMA,
         AdjointMethod,
         ConvergenceWarning,
         FiniteDiff,

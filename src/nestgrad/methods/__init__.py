@@ -10,11 +10,13 @@ from ._finite_diff import FiniteDiff
 from ._forward import Forward, ForwardRun
 from ._implicit import Implicit
 from ._reverse import Reverse
+from ._sama import SAMA
 from ._solvers import CG, ConvergenceWarning, FixedPoint, LinearSolver, Neumann, Solution
 from ._zeroth_order import ZerothOrder
 
 __all__ = [
     "CG",
+    "SAMA",
     "AdjointMethod",
     "ConvergenceWarning",
     "FiniteDiff",
