@@ -10,12 +10,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import warnings
-from functools import lru_cache
+from functools import cache
 from math import comb
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_reverse import OPTIMIZERS, hypergrads, rel, with_dropout
 from torch import nn
 
 import nestgrad as ng
@@ -32,14 +33,13 @@ from nestgrad.methods._revolve import (
     schedule,
     training_stores,
 )
-from test_reverse import OPTIMIZERS, hypergrads, rel, with_dropout
 from test_train import batches, problem, val_loss, weighted_loss
 
 TOL = 1e-12
 
 
 # ------------------------------------------------------------------ the schedule, counted
-@lru_cache(maxsize=None)
+@cache
 def fewest(steps: int, snaps: int) -> int:
     """Brute force over every first split: the fewest forward steps to reverse ``steps`` from a stored start."""
     if steps == 1:
