@@ -48,6 +48,7 @@ METHODS: dict[str, Callable[[], ng.Method]] = {
     "Unroll": ng.Unroll,
     "Reverse": ng.Reverse,
     "Reverse(checkpoint_every=2)": lambda: ng.Reverse(checkpoint_every=2),
+    "Reverse(checkpoints=1)": lambda: ng.Reverse(checkpoints=1),
     "Forward": ng.Forward,
     "Implicit(CG)": lambda: ng.Implicit(ng.CG(max_steps=20, tol=1e-13)),
     "Implicit(FixedPoint)": lambda: ng.Implicit(ng.FixedPoint(max_steps=400, tol=1e-13)),
@@ -93,7 +94,7 @@ def run_method(name: str, world: int, rank: int, reduce: str = "mean") -> dict[s
     wanted = {"a": a, "s": s}
     if not implicit:
         wanted["lr"] = lr
-    if name in ("Unroll", "Reverse", "Reverse(checkpoint_every=2)"):
+    if name in ("Unroll", "Reverse", "Reverse(checkpoint_every=2)", "Reverse(checkpoints=1)"):
         wanted |= {f"W0.{k}": v for k, v in params.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Implicit's convergence warnings are not what is tested here
