@@ -10,7 +10,8 @@ other 797 examples) with respect to the loss weights. For each ``T`` (10, 100,
 Methods and hyperparameters:
 
 * 1000 per-example loss weights for ``Unroll``, ``Reverse``,
-  ``Reverse(checkpoint_every=round(sqrt(T)))``, ``Implicit(CG(max_steps=k))``,
+  ``Reverse(checkpoint_every=round(sqrt(T)))``, ``Reverse(checkpoints=10)`` (binomial
+  checkpointing), ``Implicit(CG(max_steps=k))``,
   ``Implicit(FixedPoint(max_steps=k))``, ``FiniteDiff`` and ``ZerothOrder(samples=4)``;
 * 10 per-class loss weights for ``Forward`` (its time grows linearly with the number
   of hyperparameter elements), and for a second ``Unroll`` to compare it with.
@@ -87,6 +88,7 @@ SOLVER_STEPS = 20  # k: the solver iterations of the Implicit variants
 ZO_SAMPLES = 4
 ZO_SIGMA = 0.1
 DEFAULT_STEPS = (10, 100, 1000)
+BINOMIAL = 10  # c, the snapshots of the reverse-binomial variant
 
 
 # ------------------------------------------------------------------- variants
@@ -117,6 +119,10 @@ VARIANTS = [
     Variant(
         "reverse-sqrt", "`Reverse(checkpoint_every=√T)`", "example", "unroll",
         lambda t, k, cb: ng.Reverse(checkpoint_every=_sqrt_every(t)),
+    ),
+    Variant(
+        "reverse-binomial", f"`Reverse(checkpoints={BINOMIAL})`", "example", "unroll",
+        lambda t, k, cb: ng.Reverse(checkpoints=BINOMIAL),
     ),
     Variant(
         "implicit-cg", "`Implicit(CG(max_steps=k, tol=0))`", "example", "unroll",
@@ -531,6 +537,19 @@ def report_targets(all_results: dict[int, dict[str, Result]], k: int) -> None:
         if rev.peak is not None and unr.peak:
             ratio = rev.peak / unr.peak
             print(f"  - peak RSS: {rev.peak:.0f} / {unr.peak:.0f} MiB = {ratio:.3f}x (one fresh run each)")
+
+    # 1b. Binomial Reverse against Unroll at T=1000 (issue 20).
+    rev, unr = get(1000, "reverse-binomial"), get(1000, "unroll")
+    if rev is None or unr is None or rev.tensors is None or unr.tensors is None:
+        print(f"- Reverse(checkpoints={BINOMIAL}) <= 0.02x Unroll's peak memory and <= 3x its time at T=1000: "
+              f"not measured")  # fmt: skip
+    else:
+        mem = rev.tensors / unr.tensors
+        cpu, wall = _ratio(rev.median(1), unr.median(1)), _ratio(rev.median(0), unr.median(0))
+        ok = mem <= 0.02 and cpu is not None and cpu <= 3
+        print(f"- Reverse(checkpoints={BINOMIAL}) at T=1000: tensor memory {rev.tensors:.1f} / {unr.tensors:.1f} MiB "
+              f"= {mem:.4f}x Unroll (target <= 0.02), time {_fmt(cpu, '.2f')}x CPU ({_fmt(wall, '.2f')}x wall) "
+              f"(target <= 3) -> {'met' if ok else 'MISSED'}")  # fmt: skip
 
     # 2. Forward's memory flat in T.
     fwd = {t: get(t, "forward") for t in (10, 100, 1000)}
