@@ -435,3 +435,18 @@ def test_the_snapshots_that_cannot_fit_raise_before_training_and_name_a_c_that_f
         torch.OutOfMemoryError, match=r"\(Reverse\): the snapshots cannot fit.*Reverse\(checkpoints=\d+\)"
     ):
         ng.train(loss_fn, w, ng.optim.SGD(lr=0.1), [None], steps=steps, hparams=A, method=ng.Reverse(checkpoints=snaps))
+
+
+def test_a_trajectory_that_cannot_fit_names_a_number_of_checkpoints_that_does():
+    """Reverse() at 10**6 steps of 8 MiB weights: the message offers Reverse(checkpoints=c) with c copies that fit."""
+    w = torch.zeros(2**20, dtype=torch.float64, requires_grad=True)
+    A = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    from nestgrad.methods._memory import available_bytes
+
+    if available_bytes(torch.device("cpu")) is None:
+        pytest.skip("the available memory is unknown here")
+    with pytest.raises(torch.OutOfMemoryError, match=r"Reverse\(checkpoints=c\) holds at most c copies") as info:
+        ng.train(lambda p, b, A: A * p["w"].square().sum(), {"w": w}, ng.optim.SGD(lr=0.1), [None], steps=10**6,
+                 hparams=A, method=ng.Reverse())  # fmt: skip
+    c = int(str(info.value).split("checkpoints=")[2].split(" ")[0])
+    assert 1 <= c and c * 8 * 2**20 <= available_bytes(torch.device("cpu"))

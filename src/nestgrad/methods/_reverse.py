@@ -229,6 +229,9 @@ class _Trajectory:
         instead = _FEWER.format(k=k, copies=copies, need=size(copies * per_copy)) if fits else ""
         if not fits:
             instead = _NOT_EVEN.format(k=k, copies=copies, need=size(copies * per_copy))
+        if available is not None and available >= 2 * per_copy:  # binomial checkpointing: any number of copies
+            c = min(available // (2 * per_copy), self.steps)
+            instead += _BINOMIAL_FITS.format(c=c, extra=optimal_advances(self.steps, c) - (self.steps - 1))
         return _TOO_BIG.format(
             n=n, per=size(per_copy), need=size(n * per_copy), why=why, steps=self.steps, every=self.every,
             instead=instead,
@@ -364,7 +367,8 @@ class _Snapshots(_Trajectory):
         _check_replay(t, loss, self, known)
 
     def _too_big(self, n: int, per_copy: int, why: str, available: int | None) -> str:
-        fit = self.snapshots - 1 if available is None else max(1, min(available // max(per_copy, 1), self.steps))
+        fit = self.snapshots // 2 if available is None else available // (2 * max(per_copy, 1))
+        fit = max(1, min(fit, self.steps))
         extra = optimal_advances(self.steps, fit) - (self.steps - 1)
         return _SNAPSHOTS_TOO_BIG.format(
             c=self.requested, n=n, per=size(per_copy), need=size(n * per_copy), why=why, fit=fit, extra=extra,
@@ -436,9 +440,10 @@ _BOTH = (
 _SNAPSHOTS_TOO_BIG = (
     "nestgrad.train (Reverse): the snapshots cannot fit in memory: with checkpoints={c} the {steps} steps "
     "store {n} copies of the weights and optimizer state besides the first, {per} each, {need} in all, but "
-    "{why}. Reverse(checkpoints={fit}) holds {fit} (the start included) and recomputes {extra} steps in the "
-    "backward pass; Forward() (few hyperparameters) and Implicit() (training to an optimum) keep memory "
-    "independent of the number of steps; float32 instead of float64 weights need less."
+    "{why}. Reverse(checkpoints={fit}) holds {fit} (the start included; half of what is available) and "
+    "recomputes {extra} steps in the backward pass; Forward() (few hyperparameters) and Implicit() (training "
+    "to an optimum) keep memory independent of the number of steps; float32 instead of float64 weights need "
+    "less."
 )
 
 _TOO_BIG = (
@@ -451,6 +456,12 @@ _TOO_BIG = (
 _FEWER = (
     "Reverse(checkpoint_every={k}) stores steps/{k} copies and recomputes the {k} steps in between in the "
     "backward pass: {copies} copies at its peak, {need}. "
+)
+
+_BINOMIAL_FITS = (
+    "Reverse(checkpoints=c) holds at most c copies whatever the number of steps: checkpoints={c} takes half "
+    "of what is available, and recomputes {extra} steps in the backward pass (fewer copies, more "
+    "recomputation). "
 )
 
 _NOT_EVEN = (
