@@ -450,3 +450,21 @@ def test_a_trajectory_that_cannot_fit_names_a_number_of_checkpoints_that_does():
                  hparams=A, method=ng.Reverse())  # fmt: skip
     c = int(str(info.value).split("checkpoints=")[2].split(" ")[0])
     assert 1 <= c and c * 8 * 2**20 <= available_bytes(torch.device("cpu"))
+
+
+@in_float64
+@pytest.mark.parametrize("snaps", [1, 2, 4])
+def test_a_second_backward_pass_with_retain_graph_gives_the_same_hypergradient(snaps):
+    """The first backward pass reuses training's snapshot rows; the second recomputes them from the start."""
+    base, X, y = problem(0)
+    model = with_dropout(base, nn.Dropout(0.3))
+    A = torch.zeros(len(X), requires_grad=True)
+    loss_fn, calls = counting(weighted_loss(model))
+    out = ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.3, momentum=0.9), batches(X, y),
+                   steps=9, hparams=A, method=ng.Reverse(checkpoints=snaps))  # fmt: skip
+    loss = val_loss(with_dropout(base, nn.Identity()), out, X, y)
+    first = torch.autograd.grad(loss, A, retain_graph=True)[0]
+    calls[0] = 0
+    second = torch.autograd.grad(loss, A)[0]
+    assert torch.equal(first, second)
+    assert calls[0] == 8 + 9 + optimal_advances(9, snaps) - 8  # training's first T - 1 steps again, then the pass

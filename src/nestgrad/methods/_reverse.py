@@ -279,6 +279,7 @@ class _Snapshots(_Trajectory):
         self.stores = set(training_stores(steps, self.snapshots))
         self.rows: dict[int, int] = {}  # stored step -> its row in the buffers
         self.working: list[Tensor] | None = None  # state steps - 1 by reference, when not stored
+        self.used = False  # whether a backward pass ran (and reused the rows training filled)
         self.free_rows: list[int] = []
         self.rng: dict[int, RngState] = {}
         self.hashes: list[int] = []  # hash of the RNG state before step t (t = steps: after the last)
@@ -304,11 +305,21 @@ class _Snapshots(_Trajectory):
             self.names, self.template = list(params), state
             own = len(params) if not self.own_state else len(tensors)
             self.first = [x.detach() if i < own else x.detach().clone() for i, x in enumerate(tensors)]
+        self.keep(t, params, state, rng)
+
+    def keep(self, t: int, params: dict[str, Tensor], state: OptState, rng: RngState) -> None:
+        """What training keeps of state ``t``: a snapshot where the schedule stores one, else the working state."""
         if t in self.stores:
             self.store(t, params, state, rng)
         elif t == self.steps - 1:  # the working state the backward pass starts from
-            self.working = [x.detach() for x in tensors]
+            self.working = [x.detach() for x in [*params.values(), *state.tensors()]]
             self.rng[t], self.counts[t], self.training_steps[t] = rng, dict(state.step), state.count
+
+    def reset(self) -> None:
+        """Drop every snapshot but the start's, to store training's again (a second backward pass)."""
+        for t in [t for t in self.rng if t != 0]:
+            self.free(t)
+        self.working = None
 
     def store(self, t: int, params: dict[str, Tensor], state: OptState, rng: RngState) -> None:
         """Keep state ``t`` (weights, optimizer state, the RNG state before step ``t``) as a snapshot."""
@@ -392,6 +403,9 @@ def _binomial(
     initial weights and state. Every recomputed step, with or without a graph, is checked against
     training (its RNG state and its loss) before the next one runs.
     """
+    if trajectory.used:  # a second backward pass (retain_graph=True) reused training's rows: store them again
+        _retrain(problem, trajectory)
+    trajectory.used = True
     current: tuple[dict[str, Tensor], OptState, RngState] | None = None
     for kind, t in backward_actions(trajectory.steps, trajectory.snapshots):
         if kind == RESTORE:
@@ -423,6 +437,21 @@ def _binomial(
             if t == trajectory.steps - 1 and trajectory.working is not None:
                 trajectory.free(t)  # the working state training left: reversed, no longer needed
     return grad_p, grad_s
+
+
+def _retrain(problem: Problem, trajectory: _Snapshots) -> None:
+    """Recompute training's first ``T - 1`` steps from the start, keeping what training kept (checked as replays)."""
+    trajectory.reset()
+    p, s = trajectory.checkpoint(0)
+    rng = trajectory.rng[0]
+    for t in range(trajectory.steps - 1):
+        start = rng
+        with replay_rng(start), torch.no_grad():
+            p, s, loss = problem.step(p, s, t, create_graph=False)
+            rng = rng_state()
+        p = {k: v.detach() for k, v in p.items()}
+        trajectory.check(t, start, rng, loss)
+        trajectory.keep(t + 1, p, s, rng)
 
 
 _BAD_CHECKPOINTS = (
