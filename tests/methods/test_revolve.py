@@ -468,3 +468,15 @@ def test_a_second_backward_pass_with_retain_graph_gives_the_same_hypergradient(s
     second = torch.autograd.grad(loss, A)[0]
     assert torch.equal(first, second)
     assert calls[0] == 8 + 9 + optimal_advances(9, snaps) - 8  # training's first T - 1 steps again, then the pass
+
+
+@in_float64
+def test_a_data_function_with_state_raises_at_a_recomputed_step():
+    """data(t) that reads an iterator gives other batches on replay: the batch fingerprint check raises."""
+    model, X, y = problem(0)
+    it = itertools.cycle(batches(X, y))  # 3 batches: 10 steps do not bring the cycle back to the start
+    A = torch.zeros(len(X), requires_grad=True)
+    out = ng.train(weighted_loss(model), dict(model.named_parameters()), ng.optim.SGD(lr=0.3), lambda t: next(it),
+                   steps=10, hparams=A, method=ng.Reverse(checkpoints=3))  # fmt: skip
+    with pytest.raises(ReplayError, match=r"a different batch for step \d+ on replay"):
+        torch.autograd.grad(val_loss(model, out, X, y), A)
