@@ -37,8 +37,9 @@ class Reverse(AdjointMethod):
     ``checkpoint_every=k`` (``k ≈ √T`` is the classic choice), or ``c`` with
     ``checkpoints=c``, against ``T`` full autograd graphs for ``Unroll``. Time: about
     one extra forward and backward per step (two with ``checkpoint_every``; with
-    ``checkpoints=c``, each step is recomputed about ``r`` times, where ``r`` is the
-    smallest integer with ``C(c + r, c) >= T``: ``r = 4`` for ``T = 1000, c = 10``).
+    ``checkpoints=c``, each step runs at most ``r`` times without a graph, training's
+    run included, where ``r`` is the smallest integer with ``C(c + r, c) >= T``:
+    ``r = 4`` for ``T = 1000, c = 10``, 2.6 recomputations per step on average).
 
     Randomness (dropout) replays exactly; batches from sequences and callables are
     re-read (and checked against a fingerprint taken in training), and batches from
@@ -56,10 +57,13 @@ class Reverse(AdjointMethod):
             once, the start included, and recompute the others in the backward pass on
             Griewank and Walther's binomial (revolve) schedule, which recomputes the fewest
             steps any schedule with ``c`` snapshots can: ``r·T - C(c + r, c + 1) - (T - 1)``
-            steps without a graph, besides the ``T`` it reverses (``r`` as above). ``c >= T``
-            stores every step, as ``Reverse()`` does (no recomputation); ``c = 1`` stores only
-            the start and recomputes ``T(T - 1)/2 - (T - 1)`` steps. An int ``>= 1``; not
-            together with ``checkpoint_every``.
+            steps without a graph, besides the ``T`` it reverses (``r`` as above). As revolve
+            counts, the state being advanced is not a snapshot: until the last step is
+            reversed, that is the last step's input, kept by reference when the schedule did
+            not store it. ``c >= T`` is not an error: it stores every step, as ``Reverse()``
+            does (no recomputation, from ``c = T - 1`` on); ``c = 1`` stores only the start and
+            recomputes ``T(T - 1)/2 - (T - 1)`` steps. An int ``>= 1``; not together with
+            ``checkpoint_every``.
 
     Examples:
         >>> trained = nestgrad.train(loss_fn, params, opt, data, steps=1000, hparams=A,
