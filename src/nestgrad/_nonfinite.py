@@ -46,15 +46,16 @@ def finite(tensors: Sequence[Tensor]) -> Tensor:
     CPU, so the norms are read and summed in Python (``finite_now()``) and the flag is one of two
     constant tensors. On an accelerator, where the flag is read later, the infinity norm: exact.
     """
-    floats = [x.detach() for x in tensors if x.is_floating_point() or x.is_complex()]
+    # No detach(): under no_grad the norms record no graph, and a detach per tensor costs as much.
+    floats = [x for x in tensors if x.is_floating_point() or x.is_complex()]
     true, false = _TRUE, _FALSE
     if true is None:
         true, false = _cpu_flags()
     if not floats:
         return true
-    if floats[0].device.type == "cpu":
-        return true if _finite_norms(floats) else false
     with torch.no_grad():
+        if floats[0].device.type == "cpu":
+            return true if _finite_norms(floats) else false
         return torch.stack(torch._foreach_norm(floats, ord=float("inf"))).isfinite().all()
 
 
