@@ -200,6 +200,8 @@ class SAMA(AdjointMethod):
         final = final.with_tensors([x.detach() for x in final.tensors()])
         if problem.check_finite:
             problem._check_finite(t, (loss, p, g, trained, final))
+            problem._read_flags()  # off the CPU the last step's flag waits on the device: read it now (one sync)
+            problem._last = ()  # that step's tensors were kept for the message only
         return trained, final, (trained, diag, rngs)
 
     def backward(
