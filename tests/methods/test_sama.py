@@ -277,6 +277,15 @@ def test_a_tensor_changed_before_backward_raises(what):
         torch.autograd.grad(out if what == "hparams" else w["w"].sum(), lam)
 
 
+def test_a_non_finite_last_step_raises_at_that_step():
+    loss_fn, params, data, lam, _ = ridge()
+    (X, y) = data[0]
+    bad = (X, y.clone().fill_(float("nan")))
+    with pytest.raises(ng.NonFiniteError, match=r"\(SAMA\): at step 99 of 100, the training loss is nan"):
+        ng.train(loss_fn, params, ng.optim.Adam(lr=0.05), lambda t: bad if t == 99 else data[0], steps=100,
+                 hparams=lam, method=ng.SAMA())  # fmt: skip
+
+
 def test_initial_params_are_not_differentiated():
     loss_fn, params, data, lam, val = ridge()
     w = ng.train(loss_fn, params, ng.optim.Adam(lr=0.05), data, steps=100, hparams=lam, method=ng.SAMA())
