@@ -216,8 +216,8 @@ def test_memory_does_not_grow_with_the_steps():
     assert held100 <= held10
     assert held100 <= 2 * weights + 64  # theta_T (returned) and D: no trajectory, no graph
     u10, _ = _live_bytes(ng.Unroll(), 10)
-    u100, _ = _live_bytes(ng.Unroll(), 100)
-    assert u100 > 5 * u10 > 5 * held100  # the measure does see a graph that grows
+    u40, _ = _live_bytes(ng.Unroll(), 40)
+    assert u40 > 3 * u10 > 3 * held100  # the measure does see a graph that grows
 
 
 # ------------------------------------------------------------------------------------- misuse
