@@ -31,6 +31,9 @@ _NAMES: dict[str, str] = {
     "DataParallel": "._distributed",
     "ReplayError": "._data",
     "NonFiniteError": "._nonfinite",
+    "Compile": "._compile",
+    "CompileReport": "._compile",
+    "CompileError": "._compile",
     "Method": ".methods",
     "AdjointMethod": ".methods",
     "Unroll": ".methods",
@@ -80,6 +83,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from . import diagnostics, distributed, higher, methods, optim
     from ._call import call
+    from ._compile import Compile, CompileError, CompileReport
     from ._data import ReplayError
     from ._distributed import DataParallel
     from ._nonfinite import NonFiniteError

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 _DISCARDED = (
@@ -84,6 +85,10 @@ class RunBuffers:
         if entry is not None and new is not entry.copy:
             entry.copy, entry.version = new.detach(), -1
 
+    def has_copies(self) -> bool:
+        """Whether a module ran on buffer copies of this run (compiled steps do not advance them)."""
+        return bool(self._copies)
+
     def throwaway(self) -> RunBuffers:
         """Fresh copies for one replay: the same tensors are replaced, nothing the run owns is written."""
         fresh = RunBuffers()
@@ -120,7 +125,13 @@ _current: ContextVar[RunBuffers | None] = ContextVar("nestgrad_run_buffers", def
 
 
 def current() -> RunBuffers | None:
-    """The buffers of the training run whose ``loss_fn`` is running now, or ``None`` outside one."""
+    """The buffers of the training run whose ``loss_fn`` is running now, or ``None`` outside one.
+
+    ``None`` while torch.compile traces a step (``_compile.py``): compiled steps run only where the
+    run has no buffer copies, and the module weights ng.call reads were noted by the eager first step.
+    """
+    if torch.compiler.is_compiling():
+        return None
     return _current.get()
 
 

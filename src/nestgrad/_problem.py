@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._attention import AttentionUse, attention
 from ._buffers import RunBuffers, running
+from ._compile import CompiledSteps
 from ._data import Batches
 from ._distributed import Sync
 from ._nonfinite import CHECK_EVERY, NonFiniteError, all_finite, finite, training_error
@@ -269,6 +270,9 @@ class Problem:
     state: OptState | None = None  # the optimizer state to start from; None: ``optimizer.init(params)``
     returns_state: bool = False  # whether train returns the final state (so a method keeps what it needs)
     parallel: Sync | None = None  # data-parallel: how step gradients are all-reduced (see _distributed.py)
+    compiled: CompiledSteps | None = None  # train(..., compile=...): the run's compiled steps (_compile.py)
+    # A batch a compiled step fetched before falling back: the eager step reads it instead of fetching again.
+    pending_batch: tuple[int, Any] | None = field(default=None, init=False, repr=False)
     _unused: PathReport | None = field(default=None, init=False, repr=False)
     _flags: list[tuple[int, Tensor]] = field(default_factory=list, init=False, repr=False)
     _last: tuple[Any, ...] = field(default=(), init=False, repr=False)
@@ -305,7 +309,7 @@ class Problem:
         hp = self.hparams if hparams is None else hparams
         walk = self.strict and torch.is_grad_enabled() and _walks(t, self.steps)
         start = _next_sequence_nr() if walk else 0
-        batch = self.batches(t)
+        batch = self.batches(t) if self.pending_batch is None else self._pending(t)
         versions = [v._version for v in params.values()]
         try:
             buffers = self.buffers.throwaway() if self.replay else self.buffers
@@ -334,6 +338,11 @@ class Problem:
         if self.check_path and hparams is None and torch.is_grad_enabled():
             self._check_path(loss, full, batch, math_sdpa)
         return loss
+
+    def _pending(self, t: int) -> Any:
+        """The batch of step ``t`` that a compiled step fetched before falling back to eager."""
+        pending, self.pending_batch = self.pending_batch, None
+        return pending[1] if pending is not None and pending[0] == t else self.batches(t)
 
     def _check_path(self, loss: Tensor, full: dict[str, Tensor], batch: Any, math_sdpa: bool) -> None:
         """Raise DisconnectedError if the hparams reach this step's loss only through cut paths.
@@ -389,6 +398,10 @@ class Problem:
     def _step(
         self, params: dict[str, Tensor], state: OptState, t: int, create_graph: bool
     ) -> tuple[dict[str, Tensor], OptState, Tensor]:
+        if self.compiled is not None:
+            done = self.compiled.step(self, params, state, t, create_graph)
+            if done is not None:
+                return done
         if create_graph:
             loss = self.loss(params, t)
             grads = self.grads(params, loss, t, True)
@@ -483,6 +496,8 @@ class Problem:
 
             steps = tqdm(steps, desc=f"nestgrad.train ({self.method})", leave=False, dynamic_ncols=True)
         yield from steps
+        if self.compiled is not None and stop == self.steps:
+            self.compiled.finish()
         self._read_flags()
         self._last = ()  # the last step's tensors were kept for a message only
         if self.check_path and self._unused is not None and stop == self.steps:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._buffers import RunBuffers
+from ._compile import Compile, CompiledSteps, as_compile
 from ._distributed import DataParallel, enter, leave
 from ._nonfinite import NonFiniteError
 from ._problem import LossFn, Problem, check_loss_fn, hparam_leaves
@@ -34,6 +35,7 @@ def train(
     return_state: bool = False,
     tasks: int | Tasks | None = None,
     parallel: DataParallel | None = None,
+    compile: bool | Compile = False,
 ) -> Any:
     """Run ``steps`` optimizer updates and return the trained weights.
 
@@ -85,6 +87,10 @@ def train(
             a ``DataParallel``. Each rank passes its shard of the data and the same
             params; every step's gradients are all-reduced before the update, and hypergradients
             equal one process's on the concatenated data (see ``DataParallel`` for the convention).
+        compile: compile the steps with ``torch.compile``: ``True``, or a ``Compile`` with settings
+            (strict, mode, dynamic), whose ``last_run`` reports the graphs compiled. The loss and its
+            gradient run as one compiled graph from the second step on; what cannot compile runs
+            eagerly with one warning. See the "Compiling" docs page for when it pays.
 
     Returns:
         ``dict[str, Tensor]`` with the same names as ``params``; with ``return_state``, the pair
@@ -128,6 +134,7 @@ def train(
             f"nestgrad.train: method must be a nestgrad method object such as nestgrad.Unroll(); "
             f"got {_describe(method)}."
         )
+    compiled = as_compile(compile)
     if not isinstance(return_state, bool):
         raise TypeError(f"nestgrad.train: return_state must be True or False; got {_describe(return_state)}.")
     if tasks is not None:
@@ -163,6 +170,7 @@ def train(
         loss_fn, optimizer, method.batches(data, steps), steps, hparams, frozen,
         progress=progress, check_path=check, method=type(method).__name__, check_finite=check_finite,
         strict=strict, buffers=buffers, state=state, returns_state=return_state, parallel=sync,
+        compiled=None if compiled is None else CompiledSteps(compiled, type(method).__name__),
     )  # fmt: skip
     versions = _write_counts(frozen)
     # Clones: loss_fn never receives the caller's own tensors, so an in-place write cannot reach them.

@@ -1,0 +1,161 @@
+"""Compiled runs (``train(..., compile=...)``) equal eager ones, keep their checks, and fall back loudly.
+
+One quick smoke test (the ``aot_eager`` backend: dynamo, torch.func and AOTAutograd, without
+inductor's code generation); the inductor cases are ``slow`` (seconds of compilation each).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nestgrad as ng
+
+
+def _mlp(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+    x = torch.randn(12, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (12,), generator=g)
+    return model, x, y
+
+
+def _run(model, x, y, A, *, compile, optimizer=None, steps=6, method=None, grad=True, check_finite=True):
+    def loss_fn(p, batch, w):
+        xb, yb = batch
+        return (w * F.cross_entropy(ng.call(model, p, xb), yb, reduction="none")).mean()
+
+    opt = optimizer if optimizer is not None else ng.optim.SGD(lr=0.3, momentum=0.9)
+    params = dict(model.named_parameters())
+    if not grad:
+        with torch.no_grad():
+            return ng.train(loss_fn, params, opt, [(x, y)], steps=steps, hparams=A, compile=compile,
+                            check_finite=check_finite)  # fmt: skip
+    trained = ng.train(loss_fn, params, opt, [(x, y)], steps=steps, hparams=A, compile=compile, method=method,
+                       check_finite=check_finite)  # fmt: skip
+    val = F.cross_entropy(ng.call(model, trained, x), y)
+    return torch.autograd.grad(val, A)[0]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_compile_smoke_plain_training_equals_eager_float64():
+    """Quick subset: plain training under no_grad, traced by dynamo and torch.func, equals eager."""
+    model, x, y = _mlp()
+    A = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    c = ng.Compile(backend="aot_eager", strict=True)
+    trained = _run(model, x, y, A, compile=c, grad=False)
+    assert c.last_run is not None and c.last_run.fallback is None
+    assert c.last_run.compiled_steps == 5 and c.last_run.eager_steps == 1
+    eager = _run(model, x, y, A, compile=False, grad=False)
+    for k in eager:
+        assert _rel(trained[k], eager[k]) <= 1e-12
+    with pytest.raises(TypeError, match=r"compile must be True, False or a nestgrad\.Compile"):
+        _run(model, x, y, A, compile="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_opt", [lambda: ng.optim.SGD(lr=0.3, momentum=0.9), lambda: ng.optim.Adam(lr=0.05)])
+def test_inductor_float64_equals_eager_and_no_recompilation(make_opt):
+    model, x, y = _mlp()
+    A = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    c = ng.Compile(strict=True)
+    got = _run(model, x, y, A, compile=c, optimizer=make_opt(), steps=8)
+    assert c.last_run.compiles <= 1 and c.last_run.recompiled_at == [] and c.last_run.compiled_steps == 7
+    assert _rel(got, _run(model, x, y, A, compile=False, optimizer=make_opt(), steps=8)) <= 1e-12
+    trained = _run(model, x, y, A, compile=c, optimizer=make_opt(), steps=8, grad=False)
+    eager = _run(model, x, y, A, compile=False, optimizer=make_opt(), steps=8, grad=False)
+    for k in eager:
+        assert _rel(trained[k], eager[k]) <= 1e-12
+    _run(model, x, y, A, compile=c, optimizer=make_opt(), steps=8)  # a second call: the same graph, reused
+    assert c.last_run.compiles == 0
+
+
+@pytest.mark.slow
+def test_inductor_float32_tolerance():
+    """float32: compiled kernels round differently; the measured difference is about 1e-7 (documented)."""
+    model, x, y = _mlp(torch.float32)
+    A = torch.ones(12, requires_grad=True)
+    got = _run(model, x, y, A, compile=ng.Compile(strict=True))
+    assert _rel(got, _run(model, x, y, A, compile=False)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_nonfinite_is_found_at_its_step_on_a_compiled_run():
+    model, x, y = _mlp()
+    data = [(x, y)] * 3 + [(x * float("nan"), y)] + [(x, y)] * 4
+
+    def loss_fn(p, batch, w):
+        xb, yb = batch
+        return (w * F.cross_entropy(ng.call(model, p, xb), yb, reduction="none")).mean()
+
+    A = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    c = ng.Compile(strict=True)
+    with pytest.raises(ng.NonFiniteError, match="step 3"):
+        ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.1), data, steps=8, hparams=A, compile=c)
+    assert c.last_run.compiled_steps >= 3  # the bad step ran compiled
+
+
+@pytest.mark.slow
+def test_graph_break_falls_back_with_one_warning_or_raises_when_strict():
+    model, x, y = _mlp()
+
+    def loss_fn(p, batch, w):
+        xb, yb = batch
+        loss = (w * F.cross_entropy(ng.call(model, p, xb), yb, reduction="none")).mean()
+        if loss.item() > 1e9:  # data-dependent Python control flow: a graph break
+            loss = loss * 0
+        return loss
+
+    A = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    params = dict(model.named_parameters())
+    c = ng.Compile()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [(x, y)], steps=5, hparams=A, compile=c)
+    ours = [w for w in caught if "could not be compiled" in str(w.message)]
+    assert len(ours) == 1 and "step 1" in str(ours[0].message)
+    assert c.last_run.fallback is not None and c.last_run.compiled_steps == 0 and c.last_run.eager_steps == 5
+    eager = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [(x, y)], steps=5, hparams=A)
+    for k in eager:
+        assert torch.equal(trained[k], eager[k])
+    with pytest.raises(ng.CompileError, match="step 1 could not be compiled"):
+        ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [(x, y)], steps=5, hparams=A, compile=ng.Compile(strict=True))
+
+
+@pytest.mark.slow
+def test_module_with_buffers_runs_eagerly_with_a_warning():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+
+    def loss_fn(p, batch, a):
+        return (ng.call(model, p, batch) ** 2).mean() * a
+
+    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with pytest.warns(UserWarning, match="buffers"):
+        trained = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [x], steps=3, hparams=a, compile=True)
+    eager = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [x], steps=3, hparams=a)
+    for k in eager:
+        assert torch.equal(trained[k], eager[k])
+
+
+@pytest.mark.slow
+def test_reverse_forward_run_compiled_equals_eager_float64():
+    """Reverse trains without a graph: those steps compile (but the O(log T) searched ones); replays stay eager."""
+    model, x, y = _mlp()
+    A = torch.ones(12, dtype=torch.float64, requires_grad=True)
+    c = ng.Compile(strict=True)
+    got = _run(model, x, y, A, compile=c, steps=12, method=ng.Reverse())
+    assert c.last_run.compiled_steps == 5  # steps 5, 6, 7, 9, 10: not 0-4, 8 (powers of 2) and 11 (the last)
+    assert _rel(got, _run(model, x, y, A, compile=False, steps=12, method=ng.Reverse())) <= 1e-12
