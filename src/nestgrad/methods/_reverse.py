@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -286,7 +287,7 @@ class _Snapshots(_Trajectory):
         self.used = False  # whether a backward pass ran (and reused the rows training filled)
         self.free_rows: list[int] = []
         self.rng: dict[int, RngState] = {}
-        self.hashes: list[int] = []  # hash of the RNG state before step t (t = steps: after the last)
+        self.hashes = array("q")  # hash of the RNG state before step t (t = steps: after the last), 8 bytes each
         self.max_threads = 1
 
     @property
