@@ -127,7 +127,8 @@ class Reverse(AdjointMethod):
         grad_s: list[Tensor | None] | None = state_grads if any(g is not None for g in state_grads or []) else None
         if isinstance(trajectory, _Snapshots):
             grad_p, grad_s = _binomial(problem, live, trajectory, grad_p, grad_s, wanted, grad_hp, owned)
-        for start in reversed(range(0, problem.steps if every else 0, every or 1)):
+        segments = range(0, problem.steps, every) if every else range(0)  # none left after _binomial
+        for start in reversed(segments):
             stop = min(start + every, problem.steps)
             segment = start // every
             first = trajectory.rngs.start(segment)
