@@ -59,7 +59,7 @@ def _positive_float(x: object) -> bool:
 
 @dataclass(frozen=True)
 class SAMA(AdjointMethod):
-    r"""APPROXIMATE hypergradient for Adam / AdamW in about three first-order passes (SAMA, Choe et al. 2023).
+    r"""APPROXIMATE hypergradient for Adam / AdamW: training plus two first-order passes (SAMA, Choe et al. 2023).
 
     It is not exact, and a run has to meet its assumptions (see Bias). Training runs as usual,
     first order, and keeps only what the backward pass needs: the trained weights
@@ -105,7 +105,7 @@ class SAMA(AdjointMethod):
 
     Bias: this is an approximation, not an estimate that converges to the exact
     hypergradient. It assumes the trained weights are near a stationary point of the training
-    loss and that the base Jacobian's inverse is close to the identity. Its magnitude is that
+    loss and that the base Jacobian is close to ``-I`` (one step's worth of curvature). Its magnitude is that
     of one step, not of the whole run, so judge it by direction (cosine similarity) and tune
     the outer learning rate for it. Measured on this repository's cases (cosine similarity
     with the exact hypergradient): see the Methods page. Gradients with respect to the
