@@ -178,6 +178,7 @@ METHODS: dict[str, Callable[[], ng.Method]] = {
     "Unroll": ng.Unroll,
     "Reverse": ng.Reverse,
     "Reverse-checkpointed": lambda: ng.Reverse(checkpoint_every=2),
+    "Reverse-binomial": lambda: ng.Reverse(checkpoints=2),
     "Forward": ng.Forward,
     "Implicit": lambda: ng.Implicit(ng.CG(max_steps=3)),
     "FiniteDiff": ng.FiniteDiff,

@@ -18,6 +18,7 @@ METHODS = {
     "Unroll": lambda: ng.Unroll(),
     "Reverse": lambda: ng.Reverse(),
     "Reverse(checkpoint_every=3)": lambda: ng.Reverse(checkpoint_every=3),
+    "Reverse(checkpoints=2)": lambda: ng.Reverse(checkpoints=2),
     "Forward": lambda: ng.Forward(),
     "Implicit": lambda: ng.Implicit(),
     "Implicit(FixedPoint)": lambda: ng.Implicit(ng.FixedPoint()),

@@ -26,6 +26,7 @@ METHODS: dict[str, Callable[[], ng.Method]] = {
     "unroll": ng.Unroll,
     "reverse": ng.Reverse,
     "reverse-checkpointed": lambda: ng.Reverse(checkpoint_every=2),
+    "reverse-binomial": lambda: ng.Reverse(checkpoints=2),
     "forward": ng.Forward,
     "implicit": lambda: ng.Implicit(ng.CG(max_steps=5, tol=0.0)),
     "finite-diff": ng.FiniteDiff,
@@ -49,6 +50,7 @@ COPIED = {
     # Reverse copies a given state into its trajectory.
     ("reverse", "state"): True,
     ("reverse-checkpointed", "state"): True,
+    ("reverse-binomial", "state"): True,
     # Implicit differentiates at the trained weights and the final state: the initial state is never read again.
     ("implicit", "state"): True,
     # FiniteDiff keeps the state before the last step: with steps=1 a copy of the given state.
