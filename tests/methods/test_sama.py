@@ -291,6 +291,10 @@ def test_initial_params_are_not_differentiated():
     w = ng.train(loss_fn, params, ng.optim.Adam(lr=0.05), data, steps=100, hparams=lam, method=ng.SAMA())
     with pytest.raises(RuntimeError):
         torch.autograd.grad(val(w), params["w"])
+    # A start that carries a graph (the output of an earlier computation) would lose that path: train raises.
+    base = torch.ones(8, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"\(SAMA\): params\['w'\] carries a graph"):
+        ng.train(loss_fn, {"w": 0.1 * base}, ng.optim.Adam(lr=0.05), data, steps=100, hparams=lam, method=ng.SAMA())
 
 
 def test_tasks_equal_a_loop_over_the_tasks():
