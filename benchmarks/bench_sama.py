@@ -12,13 +12,14 @@ from their own pieces (data, models, losses, scores) and compares, on the same v
 For (a) and (b): the cosine similarity of SAMA's hypergradient with the exact one (``Unroll`` through
 the k-step segment) at the same point, every ``--every`` outer steps of the exact run; the end metric
 of a whole run driven by each method (test accuracy of the running classifier, F1 of the learned
-weights as a detector); time per outer step (measured without the dispatch mode); and the tensor
-bytes a segment holds for its backward pass (tensors made inside ``ng.train`` still alive when it
-returns, counted through a ``TorchDispatchMode``: no allocator involved). Both start from the same warm classifier
-(``--warmup`` plain Adam steps at weight 0.5): SAMA assumes a warm optimizer state.
+weights as a detector); the median time per outer step (without the dispatch mode; the median, as
+the machine may be shared); and the tensor bytes a segment holds for its backward pass (tensors made
+inside ``ng.train`` still alive when it returns, counted through a ``TorchDispatchMode``: no
+allocator involved). All runs start from the same warm classifier (``--warmup`` plain Adam steps at
+weight 0.5): SAMA assumes a warm optimizer state.
 
-    python benchmarks/bench_sama.py                  # all three, about 3-4 minutes on one thread
-    python benchmarks/bench_sama.py --only seed --seed-steps 100
+    python benchmarks/bench_sama.py                  # all three, about 1 minute on one thread
+    python benchmarks/bench_sama.py --only seed --seed-steps 100  # about 5 minutes
 """
 
 from __future__ import annotations
@@ -163,12 +164,12 @@ class Online:
 
         others = {"SAMA": ng.SAMA(), f"SAMA(last={k})": ng.SAMA(last=k), "FiniteDiff": ng.FiniteDiff()}
         cos: dict[str, list[float]] = {name: [] for name in others}
-        seconds = 0.0
+        seconds: list[float] = []
         for s in range(steps):
             batches = [(self.x[i], self.y[i], i) for i in (minibatch() for _ in range(k))]
             t0 = time.perf_counter()
             grad, new_params, new_state = self.segment(params, state, logits, batches, method, k)
-            seconds += time.perf_counter() - t0
+            seconds.append(time.perf_counter() - t0)
             if every and s % every == 0:  # the approximations at the same point (the hypergradient only)
                 for name, other in others.items():
                     g_other, _, _ = self.segment(params, state, logits, batches, other, k)
@@ -182,7 +183,12 @@ class Online:
             out = ng.train(self.loss_fn, params, opt, batches, steps=k, hparams=hparams, state=state, method=method)
         nbytes = held.bytes()
         del out
-        return {**self.score(params, logits), "cos": cos, "s_per_outer": seconds / steps, "held": nbytes}
+        return {
+            **self.score(params, logits),
+            "cos": cos,
+            "s_per_outer": float(torch.tensor(seconds).median()),
+            "held": nbytes,
+        }
 
 
 def online_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, x in rows.items():
             ms, kib = 1e3 * x["s_per_outer"], x["held"] / 2**10
             print(f"    {name:16s} test acc {x['test_acc']:.4f}  F1 {x['f1']:.4f}  "
-                  f"{ms:.1f} ms/outer step  held for backward {kib:.0f} KiB")  # fmt: skip
+                  f"{ms:.1f} ms/outer step (median)  held for backward {kib:.0f} KiB")  # fmt: skip
         for name in ("SAMA", f"SAMA(last={args.k})"):
             x = r[name]
             print(f"    {name}/exact: time {x['s_per_outer'] / e['s_per_outer']:.2f}x, "
