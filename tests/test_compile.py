@@ -159,3 +159,24 @@ def test_reverse_forward_run_compiled_equals_eager_float64():
     got = _run(model, x, y, A, compile=c, steps=12, method=ng.Reverse())
     assert c.last_run.compiled_steps == 5  # steps 5, 6, 7, 9, 10: not 0-4, 8 (powers of 2) and 11 (the last)
     assert _rel(got, _run(model, x, y, A, compile=False, steps=12, method=ng.Reverse())) <= 1e-12
+
+
+@pytest.mark.slow
+def test_a_param_the_loss_does_not_use_runs_eagerly_with_a_warning():
+    """Its eager gradient is None (left unchanged, weight decay included); a compiled one would be 0."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    params = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True),
+              "spare": torch.ones(2, dtype=torch.float64, requires_grad=True)}  # fmt: skip
+    A = torch.ones(10, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn(p, batch, a):
+        xb, yb = batch
+        return (a * (xb @ p["w"] - yb) ** 2).mean()
+
+    opt = ng.optim.SGD(lr=0.1, weight_decay=0.5)
+    with pytest.warns(UserWarning, match="does not use params \\['spare'\\]"):
+        trained = ng.train(loss_fn, params, opt, [(x, y)], steps=4, hparams=A, compile=True)
+    assert torch.equal(trained["spare"], params["spare"].detach())
+    eager = ng.train(loss_fn, params, opt, [(x, y)], steps=4, hparams=A)
+    assert torch.equal(trained["w"], eager["w"])

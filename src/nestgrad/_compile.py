@@ -178,6 +178,11 @@ _FIX = (
     "Compile(strict=True) raises here instead."
 )
 _BUFFERS = "the module has buffers (BatchNorm running statistics), which compiled steps do not advance"
+_UNUSED = (
+    "the loss does not use params {names}, whose gradient is None in an eager step (the optimizer leaves "
+    "them and their state unchanged) but would be 0 in a compiled one (weight decay, momentum and step "
+    "counts would move)"
+)
 _PARALLEL = "data-parallel runs all-reduce every step's gradients in eager code"
 _RECOMPILED = (
     "nestgrad.train ({method}): compile=True recompiled the step at steps {steps} of this run ({n} graphs): "
@@ -198,6 +203,7 @@ class CompiledSteps:
         self.off = False  # after a fallback: every later step is eager
         self.seen_eager = False
         self.compiled_once = False
+        self.unused: list[str] = []  # params an eager step gave no gradient (None)
 
     def step(
         self, problem: Problem, params: dict[str, Tensor], state: OptState, t: int, create_graph: bool
@@ -216,6 +222,8 @@ class CompiledSteps:
             return self._fail(t, _PARALLEL, None)
         if problem.buffers.has_copies():
             return self._fail(t, _BUFFERS, None)
+        if self.unused:
+            return self._fail(t, _UNUSED.format(names=self.unused[:3]), None)
         if create_graph:
             hparams = problem.hparams
         else:
@@ -238,8 +246,6 @@ class CompiledSteps:
             problem.pending_batch = (t, batch)
             return self._fail(t, "loss_fn wrote the params in place", None)
         self.report.compiled_steps += 1
-        if problem.parallel is not None:
-            grads = problem.parallel.gradients(grads, t)
         if create_graph:
             new, new_state = problem.optimizer.update(grads, state, params)
         else:
@@ -248,6 +254,11 @@ class CompiledSteps:
         if problem.check_finite:
             problem._check_finite(t, (loss, params, grads, new, new_state))
         return new, new_state, loss.detach()
+
+    def eager_grads(self, grads: dict[str, Tensor | None]) -> None:
+        """Note the params that an eager step gave no gradient: their compiled gradient would be 0, not None."""
+        if not self.unused:
+            self.unused = [k for k, g in grads.items() if g is None]
 
     def _eager(self) -> None:
         self.seen_eager = True

@@ -413,6 +413,8 @@ class Problem:
                 grads = self.grads(params, loss, t, False)
             with torch.no_grad():
                 new, new_state = self.optimizer.update(grads, state, params)
+        if self.compiled is not None:  # compiled gradients are zeros where eager ones are None
+            self.compiled.eager_grads(grads)
         if self.check_finite:
             self._check_finite(t, (loss, params, grads, new, new_state))
         return new, new_state, loss.detach()
