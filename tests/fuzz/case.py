@@ -241,6 +241,7 @@ def make_method(cfg: Config) -> ng.Method:
         "Unroll(truncate)": lambda: ng.Unroll(truncate=arg),
         "Reverse": lambda: ng.Reverse(),
         "Reverse(checkpoint_every)": lambda: ng.Reverse(checkpoint_every=arg),
+        "Reverse(checkpoints)": lambda: ng.Reverse(checkpoints=arg),
         "Forward": lambda: ng.Forward(),
         "Implicit(CG)": lambda: ng.Implicit(ng.CG(max_steps=50, tol=1e-13)),
         "Implicit(FixedPoint)": lambda: ng.Implicit(ng.FixedPoint(max_steps=2000, tol=1e-13)),

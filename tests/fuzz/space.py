@@ -45,6 +45,7 @@ METHODS: dict[str, str] = {
     "Unroll(truncate)": "truncated",
     "Reverse": "exact",
     "Reverse(checkpoint_every)": "exact",
+    "Reverse(checkpoints)": "exact",
     "Forward": "exact",
     "Implicit(CG)": "implicit",
     "Implicit(FixedPoint)": "implicit",
@@ -52,7 +53,7 @@ METHODS: dict[str, str] = {
     "ZerothOrder": "estimate",
 }
 #: methods that differentiate through the initial weights and a given state (train's docs)
-DIFFERENTIATES_PARAMS = ("Unroll", "Unroll(truncate)", "Reverse", "Reverse(checkpoint_every)")
+DIFFERENTIATES_PARAMS = ("Unroll", "Unroll(truncate)", "Reverse", "Reverse(checkpoint_every)", "Reverse(checkpoints)")
 
 N, NV = 6, 6  # training examples per batch, validation examples (divisible by 1, 2 and 3 ranks)
 IMPLICIT_STEPS = 150  # enough SGD steps for the ridge problem to converge to float precision
@@ -113,6 +114,8 @@ def draw(seed: int, world: int = 1) -> Config:
         arg = r.randint(1, 3)
     elif method == "Reverse(checkpoint_every)":
         arg = r.randint(1, 3)
+    elif method == "Reverse(checkpoints)":
+        arg = r.randint(1, 3)  # binomial checkpointing: with up to 4 steps, c < T - 1 recomputes steps
     elif method == "FiniteDiff":
         arg = r.choice([1e-3, 1e-4])
     elif method == "ZerothOrder":
