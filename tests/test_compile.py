@@ -128,6 +128,10 @@ def test_graph_break_falls_back_with_one_warning_or_raises_when_strict():
     eager = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [(x, y)], steps=5, hparams=A)
     for k in eager:
         assert torch.equal(trained[k], eager[k])
+    again = ng.Compile()  # a later run of the same loss_fn does not pay for another attempt
+    with pytest.warns(UserWarning, match="as in an earlier run of this loss_fn"):
+        ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [(x, y)], steps=5, hparams=A, compile=again)
+    assert again.last_run.compiles == 0 and again.last_run.compiled_steps == 0
     with pytest.raises(ng.CompileError, match="step 1 could not be compiled"):
         ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), [(x, y)], steps=5, hparams=A, compile=ng.Compile(strict=True))
 

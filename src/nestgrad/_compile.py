@@ -229,6 +229,9 @@ class CompiledSteps:
         else:
             params = {k: v.detach() for k, v in params.items()}
             hparams = detach_tree(problem.hparams)
+        key = _code_key(problem.loss_fn)
+        if key in _FAILED:  # tracing it failed before: do not pay for the attempt at every call
+            return self._fail(t, f"{_FAILED[key]}, as in an earlier run of this loss_fn", None)
         batch = problem.batches(t)
         versions = [v._version for v in params.values()]
         before = _COMPILES[0]
@@ -236,6 +239,8 @@ class CompiledSteps:
             grads, loss = self.fn(problem.loss_fn, params, problem.frozen, batch, hparams)
         except Exception as err:  # anything torch.compile raises; a real error of loss_fn recurs eagerly
             problem.pending_batch = (t, batch)
+            if key is not None:
+                _FAILED[key] = _reason(err)
             return self._fail(t, _reason(err), err)
         if _COMPILES[0] > before:
             self.report.compiles += _COMPILES[0] - before
@@ -283,6 +288,22 @@ class CompiledSteps:
             warnings.warn(
                 _RECOMPILED.format(method=self.method, steps=shown, n=self.report.compiles), UserWarning, stacklevel=4
             )
+
+
+_FAILED: dict[tuple[Any, ...], str] = {}  # loss_fn code -> why tracing it failed (this process)
+
+
+def _code_key(fn: Any) -> tuple[Any, ...] | None:
+    """``fn``'s code and that of the functions in its closure (``tasks=`` wraps the user's loss_fn)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    inner = tuple(
+        c.cell_contents.__code__
+        for c in (getattr(fn, "__closure__", None) or ())
+        if callable(getattr(c, "cell_contents", None)) and hasattr(c.cell_contents, "__code__")
+    )
+    return (code, *inner)
 
 
 def _reason(err: BaseException) -> str:
