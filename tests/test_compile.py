@@ -102,7 +102,7 @@ def test_nonfinite_is_found_at_its_step_on_a_compiled_run():
     c = ng.Compile(strict=True)
     with pytest.raises(ng.NonFiniteError, match="step 3"):
         ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.1), data, steps=8, hparams=A, compile=c)
-    assert c.last_run.compiled_steps >= 3  # the bad step ran compiled
+    assert c.last_run.compiled_steps == 2 and "step 3: the compiled step was not finite" in c.last_run.fallback
 
 
 @pytest.mark.slow
@@ -184,3 +184,31 @@ def test_a_param_the_loss_does_not_use_runs_eagerly_with_a_warning():
     assert torch.equal(trained["spare"], params["spare"].detach())
     eager = ng.train(loss_fn, params, opt, [(x, y)], steps=4, hparams=A)
     assert torch.equal(trained["w"], eager["w"])
+
+
+@pytest.mark.slow
+def test_tasks_step_compiled_equals_eager_and_names_a_diverging_task():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    xs = torch.randn(4, 6, 1, generator=g, dtype=torch.float64)
+    ys = torch.sin(xs)
+    params = dict(model.named_parameters())
+
+    def loss_fn(p, batch, h=None):
+        xb, yb = batch
+        return ((ng.call(model, p, xb) - yb) ** 2).mean()
+
+    def meta(compile, data):
+        trained = ng.train(loss_fn, params, ng.optim.SGD(lr=0.1), data, steps=5, tasks=4, compile=compile)
+        return torch.autograd.grad(sum(v.sum() for v in trained.values()), list(params.values()))
+
+    c = ng.Compile(strict=True)
+    got = meta(c, [(xs, ys)])
+    assert c.last_run.compiled_steps == 4
+    for a, b in zip(got, meta(False, [(xs, ys)]), strict=True):
+        assert _rel(a, b) <= 1e-12
+    bad = xs.clone()
+    bad[2, 0, 0] = float("nan")  # task 2 diverges at step 3, a compiled step: the eager re-run names it
+    data = [(xs, ys)] * 3 + [(bad, ys)] * 2
+    with pytest.raises(ng.NonFiniteError, match=r"step 3.*the loss is not finite for task 2 of 4"):
+        meta(ng.Compile(strict=True), data)

@@ -17,6 +17,7 @@ names the step and the reason, or raises with ``Compile(strict=True)``.
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from ._nonfinite import NonFiniteError
 
 if TYPE_CHECKING:
     from ._problem import Problem
@@ -156,15 +159,22 @@ def _grad_and_loss(
     return torch.func.grad_and_value(loss)(params)
 
 
-_COMPILED: dict[tuple[str | None, bool | None, str], Callable[..., Any]] = {}
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
-def _compiled(settings: Compile) -> Callable[..., Any]:
-    """One compiled ``_grad_and_loss`` per (mode, dynamic, backend), shared by every run of the process."""
-    key = (settings.mode, settings.dynamic, settings.backend)
+def _compiled(settings: Compile, loss_fn: Any) -> Callable[..., Any]:
+    """A compiled ``_grad_and_loss`` per (mode, dynamic, backend, loss_fn's code), shared by the runs of the process.
+
+    Each gets its own copy of the code object: torch.compile keeps its graphs (and its limit of
+    recompilations, 8) per code object, so that the runs of one loss_fn reuse their graphs and
+    many different loss_fns do not exhaust one shared limit.
+    """
+    key = (settings.mode, settings.dynamic, settings.backend, _code_key(loss_fn))
     if key not in _COMPILED:
+        code = _grad_and_loss.__code__.replace(co_name=f"_grad_and_loss_{len(_COMPILED)}")
+        fn = types.FunctionType(code, _grad_and_loss.__globals__, code.co_name)
         backend = _counting(settings.backend, settings.mode)
-        _COMPILED[key] = torch.compile(_grad_and_loss, backend=backend, fullgraph=True, dynamic=settings.dynamic)
+        _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=settings.dynamic)
     return _COMPILED[key]
 
 
@@ -199,7 +209,6 @@ class CompiledSteps:
         self.method = method
         self.report = CompileReport()
         settings.last_run = self.report
-        self.fn = _compiled(settings)
         self.off = False  # after a fallback: every later step is eager
         self.seen_eager = False
         self.compiled_once = False
@@ -236,7 +245,8 @@ class CompiledSteps:
         versions = [v._version for v in params.values()]
         before = _COMPILES[0]
         try:
-            grads, loss = self.fn(problem.loss_fn, params, problem.frozen, batch, hparams)
+            fn = _compiled(self.settings, problem.loss_fn)
+            grads, loss = fn(problem.loss_fn, params, problem.frozen, batch, hparams)
         except Exception as err:  # anything torch.compile raises; a real error of loss_fn recurs eagerly
             problem.pending_batch = (t, batch)
             if key is not None:
@@ -257,7 +267,14 @@ class CompiledSteps:
             with torch.no_grad():
                 new, new_state = problem.optimizer.update(grads, state, params)
         if problem.check_finite:
-            problem._check_finite(t, (loss, params, grads, new, new_state))
+            try:
+                problem._check_finite(t, (loss, params, grads, new, new_state))
+            except NonFiniteError:  # the eager step re-runs it and raises with every detail (tasks= names the task)
+                self.off, self.report.fallback = True, f"step {t}: the compiled step was not finite"
+                self.report.compiled_steps -= 1
+                self.report.eager_steps += 1
+                problem.pending_batch = (t, batch)
+                return None
         return new, new_state, loss.detach()
 
     def eager_grads(self, grads: dict[str, Tensor | None]) -> None:

@@ -322,7 +322,8 @@ def vectorise(
                 _describe(losses) if not isinstance(losses, Tensor) else f"a Tensor of shape {tuple(losses.shape[1:])}"
             )
             raise ValueError(_NOT_SCALAR.format(n=tasks.n, got=got))
-        total.last_losses = losses.detach()  # type: ignore[attr-defined]  # to name a task that diverges
+        if not torch.compiler.is_compiling():  # a compiled step that is not finite is re-run eagerly (_compile.py)
+            total.last_losses = losses.detach()  # type: ignore[attr-defined]  # to name a task that diverges
         return losses.sum()
 
     total.last_losses = None  # type: ignore[attr-defined]
