@@ -247,6 +247,7 @@ def make_method(cfg: Config) -> ng.Method:
         "Implicit(FixedPoint)": lambda: ng.Implicit(ng.FixedPoint(max_steps=2000, tol=1e-13)),
         "FiniteDiff": lambda: ng.FiniteDiff(eps=arg),
         "ZerothOrder": lambda: ng.ZerothOrder(samples=arg, sigma=ZO_SIGMA, seed=0),
+        "SAMA": lambda: ng.SAMA(warm_steps=0),  # the fuzzer's runs are short: no warm-up required
     }[cfg.method]()
 
 

@@ -107,7 +107,7 @@ def update(opt: str, t: int, p: Tensor, g: Tensor, s: dict[str, Tensor], hp: dic
         rho_inf = 2 / (1 - b2) - 1
         rho_t = rho_inf - 2 * t * b2**t / bc2
         new = {"exp_avg": m, "exp_avg_sq": v}
-        if float(rho_t) > 5:
+        if float(torch.as_tensor(rho_t).detach()) > 5:
             rect = _sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
             return p - m / bc1 * lr * rect * _sqrt(bc2) / (v.sqrt() + eps), new
         return p - m / bc1 * lr, new

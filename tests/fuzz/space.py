@@ -51,6 +51,7 @@ METHODS: dict[str, str] = {
     "Implicit(FixedPoint)": "implicit",
     "FiniteDiff": "onestep",
     "ZerothOrder": "estimate",
+    "SAMA": "estimate",  # approximate: the trained weights are exact, the estimate only finite
 }
 #: methods that differentiate through the initial weights and a given state (train's docs)
 DIFFERENTIATES_PARAMS = ("Unroll", "Unroll(truncate)", "Reverse", "Reverse(checkpoint_every)", "Reverse(checkpoints)")
@@ -165,6 +166,13 @@ def refusals(cfg: Config) -> list[str]:
         out.append(
             "docs/buffers.md: 'Many tasks need batch statistics ... a module that writes a shared buffer raises'"
         )
+    if cfg.method == "SAMA":
+        if cfg.opt not in ("Adam", "AdamW"):
+            out.append("SAMA: 'Adam and AdamW only; another optimizer raises with the reason'")
+        if cfg.lr_form in ("tensor", "per_element", "schedule", "groups_tensor") or cfg.meta is not None:
+            out.append("SAMA: 'optimizer hyperparameters that require grad raise: it has no estimate for them'")
+        if cfg.world > 1:
+            out.append("SAMA: 'parallel= raises'")
     if cfg.method.startswith("Implicit") and dict(cfg.kwargs).get("weight_decay") and cfg.method.endswith("(CG)"):
         out.append("Implicit(CG) with weight_decay in the optimizer: not a zero of the gradient (raises)")
     return out
