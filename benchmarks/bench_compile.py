@@ -8,7 +8,9 @@ CPU thread. Variants, side by side in one process, in alternating rounds (median
 * ``plain eager`` / ``plain compiled``: ``nestgrad.train`` under ``torch.no_grad()``;
 * ``hand-written``: ``functional_call`` + ``autograd.grad(create_graph=True)`` unroll, then the
   hypergradient (the reference for hypergradients);
-* ``unroll eager`` / ``unroll compiled``: ``nestgrad.train(method=Unroll())``, then the hypergradient.
+* ``unroll eager`` / ``unroll compiled``: ``nestgrad.train(method=Unroll())``, then the hypergradient;
+* ``reverse eager`` / ``reverse compiled``: the same with ``method=Reverse()`` (its training steps and
+  its replays compiled).
 
 Before timing, each compiled result is compared with its eager twin. Compile time is measured in
 fresh processes (``--first``): ``cold`` with an empty inductor cache, ``warm`` with the cache the
@@ -52,10 +54,10 @@ def plain(s: bu.Setup, compile: bool | ng.Compile = False) -> dict[str, torch.Te
         )  # fmt: skip
 
 
-def unroll(s: bu.Setup, compile: bool | ng.Compile = False) -> torch.Tensor:
+def unroll(s: bu.Setup, compile: bool | ng.Compile = False, method: ng.Method | None = None) -> torch.Tensor:
     trained = ng.train(
         bu._nestgrad_loss(s), s.init, ng.optim.SGD(lr=bu.LR), [(s.x, s.y)],
-        steps=s.steps, hparams=s.weights, compile=compile,
+        steps=s.steps, hparams=s.weights, compile=compile, method=method,
     )  # fmt: skip
     val = F.cross_entropy(ng.call(s.model, trained, s.x_val), s.y_val)
     (dw,) = torch.autograd.grad(val, s.weights)
@@ -69,10 +71,13 @@ VARIANTS: dict[str, Callable[[bu.Setup], Any]] = {
     "hand-written": bu.run_hand_written,
     "unroll eager": unroll,
     "unroll compiled": lambda s: unroll(s, True),
+    "reverse eager": lambda s: unroll(s, False, ng.Reverse()),
+    "reverse compiled": lambda s: unroll(s, True, ng.Reverse()),
 }
 PAIRS = [
     ("plain compiled", "plain eager"), ("plain compiled", "torch.optim"), ("unroll compiled", "unroll eager"),
     ("unroll compiled", "hand-written"), ("unroll eager", "hand-written"), ("plain eager", "torch.optim"),
+    ("reverse compiled", "reverse eager"), ("reverse compiled", "hand-written"),
 ]  # fmt: skip
 
 
@@ -96,7 +101,7 @@ def compile_times(steps: int) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        for name in ("plain compiled", "unroll compiled"):
+        for name in ("plain compiled", "unroll compiled", "reverse compiled"):
             out[name] = {}
             for kind in ("cold", "warm"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--first", name, "--steps", str(steps)]
@@ -130,7 +135,8 @@ def main() -> None:
     for a, b in (("plain compiled", "plain eager"), ("plain eager", "torch.optim")):
         mx, _ = bu.rel_diff(bu._flat(out[a]), bu._flat(out[b]))
         print(f"- trained weights, {a} vs {b}: max rel diff {mx:.2e}")
-    for a, b in (("unroll compiled", "unroll eager"), ("unroll eager", "hand-written")):
+    for a, b in (("unroll compiled", "unroll eager"), ("unroll eager", "hand-written"),
+                 ("reverse compiled", "reverse eager")):  # fmt: skip
         mx, _ = bu.rel_diff(out[a], out[b])
         print(f"- hypergradient, {a} vs {b}: max rel diff {mx:.2e}")
     del out

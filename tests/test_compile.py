@@ -156,12 +156,13 @@ def test_module_with_buffers_runs_eagerly_with_a_warning():
 
 @pytest.mark.slow
 def test_reverse_forward_run_compiled_equals_eager_float64():
-    """Reverse trains without a graph: those steps compile (but the O(log T) searched ones); replays stay eager."""
+    """Reverse's training steps and its replays (a vjp through the compiled step) compile, but the O(log T) searched."""
     model, x, y = _mlp()
     A = torch.ones(12, dtype=torch.float64, requires_grad=True)
     c = ng.Compile(strict=True)
     got = _run(model, x, y, A, compile=c, steps=12, method=ng.Reverse())
-    assert c.last_run.compiled_steps == 5  # steps 5, 6, 7, 9, 10: not 0-4, 8 (powers of 2) and 11 (the last)
+    # steps 5, 6, 7, 9, 10 (not 0-4, 8: powers of 2, and 11: the last), in training and in the replays
+    assert c.last_run.compiled_steps == 10
     assert _rel(got, _run(model, x, y, A, compile=False, steps=12, method=ng.Reverse())) <= 1e-12
 
 
@@ -212,3 +213,28 @@ def test_tasks_step_compiled_equals_eager_and_names_a_diverging_task():
     data = [(xs, ys)] * 3 + [(bad, ys)] * 2
     with pytest.raises(ng.NonFiniteError, match=r"step 3.*the loss is not finite for task 2 of 4"):
         meta(ng.Compile(strict=True), data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [ng.Unroll, ng.Reverse])
+def test_dropout_compiled_equals_eager_float64(method):
+    """Random ops in a compiled step draw as eager ones do: Reverse's replays match its run (no ReplayError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    A = torch.ones(12, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn(p, batch, w):
+        xb, yb = batch
+        return (w * F.cross_entropy(ng.call(model, p, xb), yb, reduction="none")).mean()
+
+    def hyper(compile):
+        torch.manual_seed(1)
+        trained = ng.train(loss_fn, dict(model.named_parameters()), ng.optim.SGD(lr=0.3), [(x, y)], steps=12,
+                           hparams=A, method=method(), compile=compile)  # fmt: skip
+        return torch.autograd.grad(sum(v.sum() for v in trained.values()), A)[0]
+
+    c = ng.Compile(strict=True)
+    got = hyper(c)
+    assert c.last_run.compiled_steps >= 5
+    assert _rel(got, hyper(False)) <= 1e-12

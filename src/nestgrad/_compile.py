@@ -220,11 +220,12 @@ class CompiledSteps:
         """Step ``t`` compiled, or ``None`` where it must run eagerly (the caller then does)."""
         from ._problem import _walks, detach_tree
 
-        # Eager: the first step, replays, the path check, and the steps whose graph is searched for
-        # tensors from outside params and hparams (O(log T) of them, ``Problem.loss``).
+        # Eager: the first step, the path check, and the steps whose graph is searched for tensors
+        # from outside params and hparams (O(log T) of them, ``Problem.loss``), in a run and in its
+        # replays alike (a replay's loss and RNG state are compared with the run's: ReplayError if not equal).
         walk = problem.strict and _walks(t, problem.steps)
         path = create_graph and problem.check_path  # the check runs on recorded steps only (``Problem.loss``)
-        if self.off or not self.seen_eager or problem.replay or path or walk:
+        if self.off or not self.seen_eager or path or walk:
             self._eager()
             return None
         if problem.parallel is not None:
