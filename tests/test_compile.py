@@ -238,3 +238,53 @@ def test_dropout_compiled_equals_eager_float64(method):
     got = hyper(c)
     assert c.last_run.compiled_steps >= 5
     assert _rel(got, hyper(False)) <= 1e-12
+
+
+def _linear_problem():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    w0 = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
+    A = torch.ones(16, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn(p, batch, a):
+        xb, yb = batch
+        return (a[: len(yb)] * (xb @ p["w"] - yb) ** 2).mean()
+
+    return x, y, w0, A, loss_fn
+
+
+@pytest.mark.slow
+def test_replay_fingerprints_on_a_compiled_reverse_run():
+    """A batch changed in place before backward: the compiled replay's fingerprint check raises, as eagerly."""
+    x, y, w0, A, loss_fn = _linear_problem()
+    data = [(x[i : i + 4].clone(), y[i : i + 4].clone()) for i in range(0, 16, 4)]
+    c = ng.Compile(strict=True)
+    trained = ng.train(loss_fn, w0, ng.optim.SGD(lr=0.1), data, steps=12, hparams=A, method=ng.Reverse(), compile=c)
+    assert c.last_run.compiled_steps > 0
+    data[2][0].add_(1.0)
+    with pytest.raises(ng.ReplayError, match=r"returned a different batch for step"):
+        torch.autograd.grad(trained["w"].sum(), A)
+
+
+@pytest.mark.slow
+def test_version_counters_on_a_compiled_reverse_run():
+    x, y, w0, A, loss_fn = _linear_problem()
+    c = ng.Compile(strict=True)
+    trained = ng.train(loss_fn, w0, ng.optim.SGD(lr=0.1), [(x, y)], steps=12, hparams=A, method=ng.Reverse(), compile=c)
+    assert c.last_run.compiled_steps > 0
+    with torch.no_grad():
+        A.mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"was modified in place after nestgrad.train returned"):
+        torch.autograd.grad(trained["w"].sum(), A)
+
+
+@pytest.mark.slow
+def test_path_diagnostics_on_a_compiled_run():
+    """hparams cut from the loss (detach) raise DisconnectedError on the first step, which runs eagerly."""
+    x, y, w0, A, loss_fn = _linear_problem()
+
+    def cut(p, batch, a):
+        return loss_fn(p, batch, a.detach())
+
+    with pytest.raises(ng.DisconnectedError):
+        ng.train(cut, w0, ng.optim.SGD(lr=0.1), [(x, y)], steps=4, hparams=A, compile=ng.Compile(strict=True))
