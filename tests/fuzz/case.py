@@ -234,6 +234,11 @@ def _clones(buffers: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------------------- nestgrad
+#: compiled cases trace with dynamo and AOTAutograd (the graphs nestgrad builds), without inductor's C++ codegen,
+#: which takes seconds to a minute per graph on these CPUs (tests/test_compile.py covers inductor itself)
+COMPILE = ng.Compile(backend="aot_eager")
+
+
 def make_method(cfg: Config) -> ng.Method:
     arg = cfg.method_arg
     return {
@@ -311,6 +316,7 @@ def run_nestgrad(prob: Problem, world: int = 1, rank: int = 0) -> Outcome:
                 got = ng.train(
                     loss_fn, w, opt, batches[offset : offset + s], steps=s, hparams=a_leaf,
                     method=make_method(cfg), state=state, return_state=not last, tasks=tasks, parallel=parallel,
+                    compile=COMPILE if cfg.compiled else False,
                 )  # fmt: skip
                 w, state = (got, None) if last else got
                 offset += s

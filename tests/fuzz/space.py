@@ -78,6 +78,7 @@ class Config:
     world: int  # data-parallel ranks (1: no parallel=)
     init_grad: bool  # also differentiate with respect to the initial weights
     buffers: bool  # BatchNorm: pass the buffers in params (trained and returned)
+    compiled: bool = False  # train(compile=...): set by test_fuzz_compiled, never drawn (seeds keep their cases)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def short(self) -> str:
@@ -85,7 +86,7 @@ class Config:
         return (
             f"seed={self.seed} {self.model} {self.opt}({kw}) lr={self.lr_form} meta={self.meta} "
             f"{self.method}[{self.method_arg}] steps={self.segments} tasks={self.tasks}/{self.task_params} "
-            f"world={self.world} init_grad={self.init_grad} buffers={self.buffers}"
+            f"world={self.world} init_grad={self.init_grad} buffers={self.buffers} compiled={self.compiled}"
         )
 
 

@@ -13,6 +13,7 @@ cases under ``-m slow``; ``NESTGRAD_FUZZ_CASES=2000`` runs seeds 0..1999 instead
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ import optim_db
 
 QUICK = 300
 SLOW = 2000
+COMPILED = 40
 DISTRIBUTED = {2: 40, 3: 20}
 CASE_TIMEOUT_S = 60  # a hang fails the case instead of the suite
 
@@ -67,8 +69,13 @@ def deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def check(seed: int) -> None:
+def check(seed: int, compiled: bool = False) -> None:
     cfg = space.draw(seed)
+    if compiled:  # 4 more steps: steps 0-3 run eagerly (path and memory checks, Reverse's search for outside tensors)
+        more = 0 if space.METHODS[cfg.method] == "implicit" else 4
+        segments = (*cfg.segments[:-1], cfg.segments[-1] + more)
+        cfg = dataclasses.replace(cfg, compiled=True, steps=cfg.steps + more, segments=segments)
+        torch._dynamo.reset()  # every case has its own shapes: without a reset they share torch's 8-graph limit
     old = torch.get_default_dtype()
     try:
         with deadline(CASE_TIMEOUT_S):
@@ -90,6 +97,13 @@ def test_fuzz(seed: int) -> None:
 @pytest.mark.parametrize("seed", _seeds(10_000, SLOW), ids=lambda s: f"seed={s}")
 def test_fuzz_slow(seed: int) -> None:
     check(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", _seeds(20_000, COMPILED), ids=lambda s: f"seed={s}")
+def test_fuzz_compiled(seed: int) -> None:
+    """The same judgement with train(compile=...): a compiled run gives the eager run's answer or raises."""
+    check(seed, compiled=True)
 
 
 # ------------------------------------------------------------------------------ the oracle itself
