@@ -167,6 +167,11 @@ def refusals(cfg: Config) -> list[str]:
         out.append(
             "docs/buffers.md: 'Many tasks need batch statistics ... a module that writes a shared buffer raises'"
         )
+    if cfg.method == "ZerothOrder" and cfg.meta is not None and cfg.meta[0] == "eps":
+        out.append(
+            "ZerothOrder: 'a re-run at hparams - sigma * direction that leaves the hparams' range raises: lower "
+            "sigma' (an eps of 1e-6 is within the fuzzer's sigma=1e-6 of 0)"
+        )
     if cfg.method == "SAMA":
         if cfg.opt not in ("Adam", "AdamW"):
             out.append("SAMA: 'Adam and AdamW only; another optimizer raises with the reason'")
