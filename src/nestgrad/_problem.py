@@ -153,6 +153,12 @@ def check_loss_fn(loss_fn: Any) -> None:
             f"nestgrad.train: loss_fn must be a function loss_fn(params, batch, hparams) -> scalar Tensor; got "
             f"{_describe(loss_fn)}."
         )
+    code = getattr(loss_fn, "__code__", None)
+    key = None
+    if code is not None and inspect.isfunction(loss_fn):  # the verdict depends on the code and the defaults only
+        key = (code, len(loss_fn.__defaults__ or ()), tuple(loss_fn.__kwdefaults__ or ()))
+        if key in _CALLABLE_AS_LOSS:
+            return
     try:
         signature = inspect.signature(loss_fn)
     except (TypeError, ValueError):
@@ -161,6 +167,11 @@ def check_loss_fn(loss_fn: Any) -> None:
         signature.bind(None, None, None)
     except TypeError as err:
         raise TypeError(_loss_fn_args(loss_fn, signature, str(err))) from None
+    if key is not None:
+        _CALLABLE_AS_LOSS.add(key)  # lambdas and closures made per call share their code: read once
+
+
+_CALLABLE_AS_LOSS: set[tuple[Any, ...]] = set()  # (code, number of defaults, keyword defaults) that bind 3 args
 
 
 def _loss_fn_args(loss_fn: Any, signature: Any, why: str) -> str:

@@ -624,6 +624,19 @@ class Optimizer(abc.ABC):
                 self._slots_of[key] = names
         return names
 
+    def _structured(self) -> bool:
+        """Whether any hyperparameter value is a Tensor, a dict or a Schedule (floats and flags are checked
+        at construction and cannot change shape, device or name)."""
+
+        def structured(v: Any) -> bool:
+            if isinstance(v, tuple):
+                return any(structured(x) for x in v)
+            return isinstance(v, (Tensor, Mapping, Schedule))
+
+        return any(
+            structured(v) for hp in (self.defaults, *self.groups) for k, v in hp.items() if k != "params"
+        )
+
     def _check_shapes(self, params: Mapping[str, Tensor]) -> None:
         """Per-parameter dicts name every parameter they apply to (and no other); per-element
         values broadcast to their parameters. Runs once, in ``init()``."""
@@ -739,9 +752,10 @@ class Optimizer(abc.ABC):
                         f"parameter. Parameter names look like {list(params)[:3]}."
                     )
         self._read_schedule_flags()  # of the previous run, if it ran on an accelerator
-        self._check_devices(params)
-        self._check_tensor_values(".init")
-        self._check_shapes(params)
+        if self._structured():  # only Tensors, dicts and Schedules have devices, shapes and names to check
+            self._check_devices(params)
+            self._check_tensor_values(".init")
+            self._check_shapes(params)
         self._check_underflow(params)
         slots: dict[str, dict[str, Tensor]] = {}
         for name, p in params.items():
