@@ -70,10 +70,7 @@ def test_examples_render_as_code(site: tuple[Path, str]) -> None:
 
 def test_no_builtin_docstrings(site: tuple[Path, str]) -> None:
     found = [
-        (name, doc)
-        for name, page in api_pages(site).items()
-        for doc in BUILTIN_DOCS
-        if doc in text(outside_code(page))
+        (name, doc) for name, page in api_pages(site).items() for doc in BUILTIN_DOCS if doc in text(outside_code(page))
     ]
     assert not found, f"built-in types' docstrings on nestgrad's API pages: {found}"
 

@@ -633,9 +633,7 @@ class Optimizer(abc.ABC):
                 return any(structured(x) for x in v)
             return isinstance(v, (Tensor, Mapping, Schedule))
 
-        return any(
-            structured(v) for hp in (self.defaults, *self.groups) for k, v in hp.items() if k != "params"
-        )
+        return any(structured(v) for hp in (self.defaults, *self.groups) for k, v in hp.items() if k != "params")
 
     def _check_shapes(self, params: Mapping[str, Tensor]) -> None:
         """Per-parameter dicts name every parameter they apply to (and no other); per-element
