@@ -162,22 +162,33 @@ class Run:
 def counting_grad_calls() -> Iterator[list[int]]:
     """Count the calls of ``torch.autograd.grad`` made in the block (the counter is ``calls[0]``).
 
-    nestgrad's backward passes call ``torch.autograd.grad`` for every gradient, Hessian- or
-    Jacobian-vector product they take, so the count inside the outer ``autograd.grad`` call
-    (minus that call itself) is the number of gradient passes of the method's backward.
+    nestgrad's backward passes call ``torch.autograd.grad`` (Implicit's solvers: autograd's engine
+    directly, counted too) for every gradient, Hessian- or Jacobian-vector product they take, so
+    the count inside the outer ``autograd.grad`` call (minus that call itself) is the number of
+    gradient passes of the method's backward.
     """
+    from nestgrad.methods import _implicit
+
     calls = [0]
     original = torch.autograd.grad
+    engine = _implicit._ENGINE  # Implicit's solvers call autograd's engine directly (one product each)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         return original(*args, **kwargs)
 
+    def counted_engine(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return engine(*args, **kwargs)  # type: ignore[misc]
+
     torch.autograd.grad = counted
+    if engine is not None:
+        _implicit._ENGINE = counted_engine
     try:
         yield calls
     finally:
         torch.autograd.grad = original
+        _implicit._ENGINE = engine
 
 
 def class_weights() -> Tensor:
