@@ -501,7 +501,8 @@ def test_unroll_warns_once_when_its_graph_passes_a_share_of_the_memory_with_the_
     assert len(messages) == 1  # once, not at every step
     message = messages[0]
     assert message.startswith("nestgrad.train (Unroll): the recorded graph of the run now holds about ")
-    for alternative in ("Reverse()", "Reverse(checkpoint_every=4)", "Unroll(truncate=k)", "Forward()"):
+    for alternative in ("Reverse()", "Reverse(checkpoint_every=4)", "Reverse(checkpoints=c)", "Unroll(truncate=k)",
+                        "Forward()"):  # fmt: skip
         assert alternative in message
     # 4 MiB of new weights a step plus what autograd saves: the estimate is at least the weights
     per_step = float(message.split(" MiB a step")[0].split("(")[-1])

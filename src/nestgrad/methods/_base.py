@@ -423,9 +423,10 @@ _GRAPH_GROWS = (
     "after the first step; the {total} recorded steps of this run need about {need}. Unroll keeps every "
     "step's graph until backward(). Alternatives: Reverse() stores only the weights and optimizer state of "
     "each step ({reverse} for this run) and recomputes the steps in the backward pass, exactly; "
-    "Reverse(checkpoint_every={k}) needs {need_k}; Unroll(truncate=k) differentiates only the last k steps "
-    "(approximate, e.g. truncate={truncate}); Forward() (few hyperparameters) keeps memory independent of the "
-    "number of steps. Unroll(warn_memory=None) silences this warning."
+    "Reverse(checkpoint_every={k}) needs {need_k}; Reverse(checkpoints=c) holds c copies for any number of "
+    "steps (binomial checkpointing, exact, more recomputation); Unroll(truncate=k) differentiates only the "
+    "last k steps (approximate, e.g. truncate={truncate}); Forward() (few hyperparameters) keeps memory "
+    "independent of the number of steps. Unroll(warn_memory=None) silences this warning."
 )
 
 
