@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vmap
 
-from .optim._base import _FLAGS, Optimizer, _describe
+from .optim._base import Optimizer, _describe
 from .optim._schedule import Schedule
 
 Dims = Any  # 0, None, or a pytree prefix of them, as torch.func.vmap's in_dims
@@ -236,27 +236,19 @@ def check_hparams(tasks: Tasks, optimizer: Optimizer, trainable: Mapping[str, Te
     if n == 1:
         return  # a leading size of 1 broadcasts the same way on either reading
     cls = type(optimizer).__name__
-    for name, p in trainable.items():
-        for k, v in optimizer.hparams(name).items():
-            if k == "params" or k in _FLAGS:
-                continue
-            for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
-                label = f"{k}[{i}]" if isinstance(v, tuple) else k
-                if isinstance(x, Mapping):
-                    if name not in x:
-                        continue  # optimizer.init names the missing entry
-                    x, label = x[name], f"{label}[{name!r}]"
-                if isinstance(x, Schedule) and x.values is not None:
-                    shape, label = tuple(x.values.shape[1:]), f"{label} (each step's value of a Schedule)"
-                elif isinstance(x, Tensor) and x.numel() != 1:
-                    shape = tuple(x.shape)
-                else:
-                    continue
-                own = shape == tuple(p.shape[1:]) and len(shape) > 1  # one task's weight shape: per element
-                if shape and shape[0] == n and len(shape) < p.ndim and not own:
-                    per_task, shared = (n, *([1] * (p.ndim - 1))), (1, *shape)
-                    fields = dict(n=n, cls=cls, label=label, shape=shape, name=name, stacked=tuple(p.shape))
-                    raise ValueError(_AMBIGUOUS.format(**fields, per_task=per_task, shared=shared))
+    for v in optimizer._values(trainable):  # the walk optimizer.init's checks share
+        x, label, p = v.value, v.label, v.param
+        if isinstance(x, Schedule) and x.values is not None:
+            shape, label = tuple(x.values.shape[1:]), f"{label} (each step's value of a Schedule)"
+        elif isinstance(x, Tensor) and x.numel() != 1:
+            shape = tuple(x.shape)
+        else:
+            continue  # a float, a function schedule, or a dict without this parameter (init names it)
+        own = shape == tuple(p.shape[1:]) and len(shape) > 1  # one task's weight shape: per element
+        if shape and shape[0] == n and len(shape) < p.ndim and not own:
+            per_task, shared = (n, *([1] * (p.ndim - 1))), (1, *shape)
+            fields = dict(n=n, cls=cls, label=label, shape=shape, name=v.name, stacked=tuple(p.shape))
+            raise ValueError(_AMBIGUOUS.format(**fields, per_task=per_task, shared=shared))
 
 
 def _check_leading(tasks: Tasks, t: Tensor, what: str, kind: str) -> None:

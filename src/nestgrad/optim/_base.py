@@ -15,7 +15,7 @@ import difflib
 import fnmatch
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -192,6 +192,21 @@ def _checked_state(
             else:
                 out[slot][n] = x
     return OptState({n: int(step[n]) for n in template.step}, out, count)
+
+
+class _Value(NamedTuple):
+    """One hyperparameter value as it applies to one parameter (``Optimizer._values``)."""
+
+    name: str  # the parameter's
+    param: Tensor
+    key: str  # "lr", "betas", ...
+    label: str  # for messages: "groups[0].betas[1]", "lr['fc.weight']"
+    value: Any  # a float, a Tensor, a Schedule, or _ABSENT (a dict without an entry for the parameter)
+    per_name: Mapping[str, Any] | None  # the dict of per-parameter values it came from, if any
+    per_label: str  # the label of that dict (of the value itself when there is none)
+
+
+_ABSENT = object()  # a per-parameter dict's entry for a parameter it does not name
 
 
 _FLAGS = ("maximize", "amsgrad", "nesterov", "centered", "decoupled_weight_decay")
@@ -635,11 +650,10 @@ class Optimizer(abc.ABC):
 
         return any(structured(v) for hp in (self.defaults, *self.groups) for k, v in hp.items() if k != "params")
 
-    def _check_shapes(self, params: Mapping[str, Tensor]) -> None:
-        """Per-parameter dicts name every parameter they apply to (and no other); per-element
-        values broadcast to their parameters. Runs once, in ``init()``."""
-        cls = type(self).__name__
-        served: dict[int, tuple[str, Mapping[str, Any], set[str]]] = {}
+    def _values(self, params: Mapping[str, Tensor]) -> Iterator[_Value]:
+        """Every hyperparameter value that applies to each of ``params`` (flags skipped): a pair's
+        elements one by one, and of a dict of per-parameter values the entry for that parameter
+        (``_ABSENT`` when it has none), with the dict. The one walk the checks of ``init`` share."""
         for name, p in params.items():
             index = self._group_index(name)
             for k, v in self.hparams(name).items():
@@ -649,22 +663,33 @@ class Optimizer(abc.ABC):
                 for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
                     label = f"{base}[{i}]" if isinstance(v, tuple) else base
                     if isinstance(x, Mapping):
-                        served.setdefault(id(x), (label, x, set()))[2].add(name)
-                        if name not in x:
-                            raise ValueError(_MISSING_NAME.format(cls=cls, label=label, k=k, name=name, known=list(x)))
-                        x, label = x[name], f"{label}[{name!r}]"
-                    shape = None
-                    if isinstance(x, Schedule) and x.values is not None:
-                        shape = x.values.shape[1:]
-                        what = f"a Schedule of shape {tuple(x.values.shape)}, whose per-step values have shape"
-                    elif isinstance(x, Tensor) and x.numel() != 1:
-                        shape, what = x.shape, "shape"
-                    if shape is not None and not _broadcasts(shape, p.shape):
-                        raise ValueError(
-                            _BAD_SHAPE.format(
-                                cls=cls, label=label, what=what, shape=tuple(shape), name=name, pshape=tuple(p.shape)
-                            )
-                        )
+                        yield _Value(name, p, k, f"{label}[{name!r}]", x.get(name, _ABSENT), x, label)
+                    else:
+                        yield _Value(name, p, k, label, x, None, label)
+
+    def _check_shapes(self, params: Mapping[str, Tensor]) -> None:
+        """Per-parameter dicts name every parameter they apply to (and no other); per-element
+        values broadcast to their parameters. Runs once, in ``init()``."""
+        cls = type(self).__name__
+        served: dict[int, tuple[str, Mapping[str, Any], set[str]]] = {}
+        for v in self._values(params):
+            if v.per_name is not None:
+                served.setdefault(id(v.per_name), (v.per_label, v.per_name, set()))[2].add(v.name)
+                if v.value is _ABSENT:
+                    fields = dict(cls=cls, label=v.per_label, k=v.key, name=v.name, known=list(v.per_name))
+                    raise ValueError(_MISSING_NAME.format(**fields))
+            x, shape = v.value, None
+            if isinstance(x, Schedule) and x.values is not None:
+                shape = x.values.shape[1:]
+                what = f"a Schedule of shape {tuple(x.values.shape)}, whose per-step values have shape"
+            elif isinstance(x, Tensor) and x.numel() != 1:
+                shape, what = x.shape, "shape"
+            if shape is not None and not _broadcasts(shape, v.param.shape):
+                raise ValueError(
+                    _BAD_SHAPE.format(
+                        cls=cls, label=v.label, what=what, shape=tuple(shape), name=v.name, pshape=tuple(v.param.shape)
+                    )
+                )
         for label, x, names in served.values():
             extra = [n for n in x if n not in names]
             if extra:
@@ -684,54 +709,41 @@ class Optimizer(abc.ABC):
     def _check_devices(self, params: Mapping[str, Tensor]) -> None:
         """Tensor hyperparameters are on their parameters' devices (a 1-element CPU Tensor is a scalar
         to torch, fine on any device). Parameters on the meta device (a template) are skipped."""
-        cls = type(self).__name__
-        for name, p in params.items():
-            if p.is_meta:
+        for v in self._values(params):
+            x, label = v.value, v.label
+            on, label = (x.values, f"{label} (schedule)") if isinstance(x, Schedule) else (x, label)
+            p = v.param
+            if p.is_meta or not isinstance(on, Tensor) or on.device == p.device:
                 continue
-            index = self._group_index(name)
-            for k, v in self.hparams(name).items():
-                if k == "params" or k in _FLAGS:
-                    continue
-                base = f"groups[{index}].{k}" if index >= 0 and k in self.groups[index] else k
-                for i, x in enumerate(v if isinstance(v, tuple) else (v,)):
-                    label = f"{base}[{i}]" if isinstance(v, tuple) else base
-                    if isinstance(x, Mapping):
-                        x, label = x.get(name), f"{label}[{name!r}]"
-                    on, label = (x.values, f"{label} (schedule)") if isinstance(x, Schedule) else (x, label)
-                    if not isinstance(on, Tensor) or on.device == p.device:
-                        continue
-                    if on.device.type == "cpu" and on.numel() == 1:
-                        continue
-                    raise ValueError(
-                        _HP_DEVICE.format(cls=cls, label=label, got=on.device, name=name, want=p.device,
-                                          want_repr=repr(str(p.device)))
-                    )  # fmt: skip
+            if on.device.type == "cpu" and on.numel() == 1:
+                continue
+            raise ValueError(
+                _HP_DEVICE.format(cls=type(self).__name__, label=label, got=on.device, name=v.name, want=p.device,
+                                  want_repr=repr(str(p.device)))
+            )  # fmt: skip
 
     def _check_underflow(self, params: Mapping[str, Tensor]) -> None:
         """Raise if a positive ``eps`` rounds to 0 in a low-precision parameter's dtype (1e-8 in float16):
         the update would divide by an exact 0 wherever the second moment underflows."""
-        for name, p in params.items():
-            if p.dtype not in (torch.float16, torch.bfloat16):
+        low = {k: p for k, p in params.items() if p.dtype in (torch.float16, torch.bfloat16)}
+        for v in self._values(low):
+            if v.key != "eps":
                 continue
+            p = v.param
             tiny = torch.finfo(p.dtype).smallest_normal * torch.finfo(p.dtype).eps  # the smallest subnormal
-            for k, v in self.hparams(name).items():
-                if k != "eps":
-                    continue
-                label = f"{k}[{name!r}]" if isinstance(v, Mapping) else k
-                v = v[name] if isinstance(v, Mapping) else v
-                values = v.values if isinstance(v, Schedule) else v
-                if values is None or (isinstance(values, Tensor) and _is_functorch_wrapped(values)):
-                    continue
-                with torch.no_grad():
-                    x = torch.as_tensor(values, dtype=torch.float64).detach()
-                    lost = bool(((x > 0) & (x.to(p.dtype) == 0)).any())
-                if lost:
-                    raise ValueError(
-                        _UNDERFLOW.format(
-                            cls=type(self).__name__, label=label, got=_short_value(values), dtype=p.dtype,
-                            name=name, tiny=tiny, safe=f"{tiny:.1g}",
-                        )
-                    )  # fmt: skip
+            values = v.value.values if isinstance(v.value, Schedule) else v.value
+            if values is None or values is _ABSENT or (isinstance(values, Tensor) and _is_functorch_wrapped(values)):
+                continue
+            with torch.no_grad():
+                x = torch.as_tensor(values, dtype=torch.float64).detach()
+                lost = bool(((x > 0) & (x.to(p.dtype) == 0)).any())
+            if lost:
+                raise ValueError(
+                    _UNDERFLOW.format(
+                        cls=type(self).__name__, label=v.label, got=_short_value(values), dtype=p.dtype,
+                        name=v.name, tiny=tiny, safe=f"{tiny:.1g}",
+                    )
+                )  # fmt: skip
 
     # ---------------------------------------------------------- public API
     def init(self, params: Mapping[str, Tensor]) -> OptState:
