@@ -288,3 +288,31 @@ def test_path_diagnostics_on_a_compiled_run():
 
     with pytest.raises(ng.DisconnectedError):
         ng.train(cut, w0, ng.optim.SGD(lr=0.1), [(x, y)], steps=4, hparams=A, compile=ng.Compile(strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"strict": "yes"}, TypeError, "strict must be True or False"),
+        ({"mode": 3}, TypeError, "mode must be None or a torch.compile mode"),
+        ({"mode": "fastest"}, ValueError, r"mode must be None or one of \[.*'reduce-overhead'"),
+        ({"backend": 123}, TypeError, "backend must be a torch.compile backend name"),
+        ({"dynamic": "x"}, TypeError, "dynamic must be None, True or False"),
+    ],
+)
+def test_compile_settings_of_the_wrong_kind_raise_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ng.Compile(**kwargs)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_train_compile_of_the_wrong_kind_raises_before_training(bad):
+    calls = []
+
+    def loss_fn(p, batch, h):
+        calls.append(1)
+        return (p["w"] ** 2).sum()
+
+    with pytest.raises(TypeError, match=r"compile must be True, False or a nestgrad.Compile"):
+        ng.train(loss_fn, {"w": torch.zeros(3, requires_grad=True)}, ng.optim.SGD(lr=0.1), [0], steps=2, compile=bad)
+    assert not calls

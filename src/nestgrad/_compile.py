@@ -102,6 +102,12 @@ class Compile:
                 f"nestgrad.Compile: mode must be None or a torch.compile mode such as 'reduce-overhead'; got "
                 f"{self.mode!r}."
             )
+        if self.mode is not None:
+            from torch._inductor import list_mode_options  # imported only when a mode is asked for
+
+            modes = list(list_mode_options())
+            if self.mode not in modes:
+                raise ValueError(f"nestgrad.Compile: mode must be None or one of {modes}; got {self.mode!r}.")
         if not isinstance(self.backend, str):
             raise TypeError(f"nestgrad.Compile: backend must be a torch.compile backend name; got {self.backend!r}.")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
