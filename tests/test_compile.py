@@ -86,7 +86,7 @@ def test_inductor_float32_tolerance():
     model, x, y = _mlp(torch.float32)
     A = torch.ones(12, requires_grad=True)
     got = _run(model, x, y, A, compile=ng.Compile(strict=True))
-    assert _rel(got, _run(model, x, y, A, compile=False)) <= 1e-5
+    assert _rel(got, _run(model, x, y, A, compile=False)) <= 1e-6  # 10x the measured 1.2-1.4e-7
 
 
 @pytest.mark.slow
