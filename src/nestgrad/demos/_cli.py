@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         default=None,
-        help="online: one classifier trains on, and the weights step every few minibatch steps (about 4 s, 6 s with start-up); "
+        help="online: one classifier trains on, and the weights step every few minibatch steps "
+        "(about 4 s, 6 s with start-up); "
         "full: every outer step retrains from scratch and differentiates through all 100 steps (about 40 s). "
         f"Two levels only (default: {DEFAULT_MODE})",
     )
