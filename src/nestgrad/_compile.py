@@ -77,6 +77,13 @@ class Compile:
         backend: ``torch.compile``'s backend: ``"inductor"`` (generated kernels), or
             ``"aot_eager"`` (the same traced graphs run by eager kernels: quick to compile, no speed-up;
             for tests).
+        whole_run: trace every step of a run (each step's gradient and its optimizer update, step
+            counts and schedules included) into one graph, for short runs called many times, such
+            as MAML's inner loops: no eager step and no Python between steps. The first run of a
+            ``loss_fn`` in a process still goes step by step (its first step eager, with every
+            check); later runs with the same shapes and number of steps run the one graph. Its
+            trace grows with the number of steps: keep it for runs of tens of steps. Unroll and
+            plain training only (other methods compile step by step).
 
     After a run, ``last_run`` holds its ``CompileReport``: the graphs compiled (recompilations
     included), the steps compiled and eager, and the reason of a fallback.
@@ -92,6 +99,7 @@ class Compile:
     mode: str | None = None
     dynamic: bool | None = False
     backend: str = "inductor"
+    whole_run: bool = False
     last_run: CompileReport | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +118,8 @@ class Compile:
                 raise ValueError(f"nestgrad.Compile: mode must be None or one of {modes}; got {self.mode!r}.")
         if not isinstance(self.backend, str):
             raise TypeError(f"nestgrad.Compile: backend must be a torch.compile backend name; got {self.backend!r}.")
+        if not isinstance(self.whole_run, bool):
+            raise TypeError(f"nestgrad.Compile: whole_run must be True or False; got {self.whole_run!r}.")
         if self.dynamic is not None and not isinstance(self.dynamic, bool):
             raise TypeError(f"nestgrad.Compile: dynamic must be None, True or False; got {self.dynamic!r}.")
 
@@ -165,20 +175,46 @@ def _grad_and_loss(
     return torch.func.grad_and_value(loss)(params)
 
 
+def _whole_run(
+    loss_fn: Callable[..., Tensor],
+    optimizer: Any,
+    params: dict[str, Tensor],
+    state: OptState,
+    frozen: dict[str, Tensor],
+    batches: list[Any],
+    hparams: Any,
+) -> tuple[dict[str, Tensor], OptState, Tensor]:
+    """Every step of a run: the trained weights and state, and one finite flag per step.
+
+    A step's flag is False where its loss, new weights or new state hold a NaN or inf (exact:
+    ``isfinite``, fused into the graph's reductions).
+    """
+    flags = []
+    for batch in batches:
+        grads, loss = _grad_and_loss(loss_fn, params, frozen, batch, hparams)
+        params, state = optimizer.update(grads, state, params)
+        checked = [loss, *params.values(), *state.tensors()]
+        flags.append(torch.stack([torch.isfinite(x).all() for x in checked if x.is_floating_point()]).all())
+    return params, state, torch.stack(flags)
+
+
 _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
-def _compiled(settings: Compile, loss_fn: Any) -> Callable[..., Any]:
-    """A compiled ``_grad_and_loss`` per (mode, dynamic, backend, loss_fn's code), shared by the runs of the process.
+def _compiled(
+    settings: Compile, loss_fn: Any, traced: Callable[..., Any] = _grad_and_loss, extra: tuple[Any, ...] = ()
+) -> Callable[..., Any]:
+    """A compiled ``traced`` (``_grad_and_loss``: one step; ``_whole_run``) per (mode, dynamic, backend,
+    loss_fn's code), shared by the runs of the process.
 
     Each gets its own copy of the code object: torch.compile keeps its graphs (and its limit of
     recompilations, 8) per code object, so that the runs of one loss_fn reuse their graphs and
     many different loss_fns do not exhaust one shared limit.
     """
-    key = (settings.mode, settings.dynamic, settings.backend, _code_key(loss_fn))
+    key = (settings.mode, settings.dynamic, settings.backend, _code_key(loss_fn), traced.__name__, *extra)
     if key not in _COMPILED:
-        code = _grad_and_loss.__code__.replace(co_name=f"_grad_and_loss_{len(_COMPILED)}")
-        fn = types.FunctionType(code, _grad_and_loss.__globals__, code.co_name)
+        code = traced.__code__.replace(co_name=f"{traced.__name__}_{len(_COMPILED)}")
+        fn = types.FunctionType(code, traced.__globals__, code.co_name)
         backend = _counting(settings.backend, settings.mode)
         _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=settings.dynamic)
     return _COMPILED[key]
@@ -284,6 +320,68 @@ class CompiledSteps:
                 return None
         return new, new_state, loss.detach()
 
+    def run(
+        self, problem: Problem, params: dict[str, Tensor], state: OptState, create_graph: bool
+    ) -> tuple[dict[str, Tensor], OptState] | None:
+        """The whole run as one compiled graph (``Compile(whole_run=True)``), or ``None``: run it step by step.
+
+        Only once a run of the same ``loss_fn`` (and the same ``create_graph``) has gone step by
+        step in this process without a fallback: its eager first step checked the loss function, the
+        path from the hparams and the params it uses. Every check of an eager run that needs no graph
+        walk stays on: a step that is not finite re-runs the whole run eagerly, from the same RNG
+        state, so that the error names its step and tensor; in-place writes to the params raise.
+        """
+        from ._problem import detach_tree
+
+        key = (_code_key(problem.loss_fn), create_graph)
+        if not self.settings.whole_run or self.off or key[0] is None or key not in _READY:
+            return None
+        if problem.parallel is not None or problem.buffers.has_copies() or problem.replay:
+            return None
+        if key[0] in _FAILED_WHOLE:
+            return None
+        hparams = problem.hparams
+        if not create_graph:
+            params = {k: v.detach() for k, v in params.items()}
+            hparams = detach_tree(hparams)
+        batches = [problem.batches(t) for t in range(problem.steps)]
+        versions = [v._version for v in params.values()]
+        rng = torch.get_rng_state()
+        before = _COMPILES[0]
+        try:
+            # One code object (and limit of 8 graphs) per optimizer class and number of steps as well.
+            fn = _compiled(self.settings, problem.loss_fn, _whole_run, (type(problem.optimizer), problem.steps))
+            new, new_state, flags = fn(
+                problem.loss_fn, problem.optimizer, params, state, problem.frozen, batches, hparams
+            )
+        except Exception as err:  # the run goes on step by step (each step compiled), with one warning
+            _FAILED_WHOLE[key[0]] = _reason(err)
+            problem.batches = _Fetched(batches)
+            message = _WHOLE_FALLBACK.format(method=self.method, reason=_reason(err))
+            if self.settings.strict:
+                raise CompileError(message) from err
+            warnings.warn(message, UserWarning, stacklevel=5)
+            return None
+        self.report.compiles += _COMPILES[0] - before
+        if any(v._version != n for v, n in zip(params.values(), versions, strict=True)):
+            raise RuntimeError(
+                f"nestgrad.train ({self.method}): loss_fn wrote the params in place during a compiled run; "
+                f"compute with a copy of them (w.clone()) instead of changing them."
+            )
+        if problem.check_finite and not bool(flags.all()):  # the eager run raises at the step, with details
+            torch.set_rng_state(rng)
+            problem.batches = _Fetched(batches)
+            self.off, self.report.fallback = True, f"step {int((~flags).nonzero()[0, 0])}: not finite"
+            return None
+        self.report.compiled_steps += problem.steps
+        return new, new_state
+
+    def ready(self, problem: Problem, create_graph: bool) -> None:
+        """After a whole run step by step: note whether later runs of this loss_fn may run as one graph."""
+        key = (_code_key(problem.loss_fn), create_graph)
+        if self.report.fallback is None and not self.unused and problem._unused is None and key[0] is not None:
+            _READY.add(key)
+
     def eager_grads(self, grads: dict[str, Tensor | None]) -> None:
         """Note the params that an eager step gave no gradient: their compiled gradient would be 0, not None."""
         if not self.unused:
@@ -315,6 +413,23 @@ class CompiledSteps:
 
 
 _FAILED: dict[tuple[Any, ...], str] = {}  # loss_fn code -> why tracing it failed (this process)
+_FAILED_WHOLE: dict[tuple[Any, ...], str] = {}  # loss_fn code -> why tracing its whole run failed
+_READY: set[tuple[Any, ...]] = set()  # (loss_fn code, create_graph) that ran step by step without a fallback
+_WHOLE_FALLBACK = (
+    "nestgrad.train ({method}): Compile(whole_run=True), but the run could not be traced as one graph "
+    "({reason}); it runs step by step, each step compiled, as in later runs of this loss_fn. "
+    "Compile(strict=True) raises here instead."
+)
+
+
+class _Fetched:
+    """The batches a whole compiled run fetched, for the step-by-step run that replaces it."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.fetched = batches
+
+    def __call__(self, t: int) -> Any:
+        return self.fetched[t]
 
 
 def _code_key(fn: Any) -> tuple[Any, ...] | None:

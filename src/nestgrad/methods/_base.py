@@ -354,7 +354,10 @@ class Unroll(Method):
         state = problem.init_state(params)
         measured = differentiable and self.warn_memory and problem.steps - first >= _MEASURED_FROM
         memory = _GraphSize(self, problem, params, first) if measured else None
-        for t in problem.range():
+        whole = problem.compiled.run(problem, params, state, differentiable) if problem.compiled and not first else None
+        if whole is not None:  # Compile(whole_run=True): every step in one compiled graph
+            params, state = whole
+        for t in problem.range() if whole is None else ():
             if t == first and first > 0:  # start a fresh graph after the truncated steps
                 params = {k: v.detach().requires_grad_() for k, v in params.items()}
                 state = state.with_tensors([x.detach() for x in state.tensors()])
@@ -364,6 +367,8 @@ class Unroll(Method):
                 params, state, _ = problem.step(params, state, t, create_graph=differentiable and t >= first)
             if memory is not None and t == memory.warn_at:
                 memory.warn(t)
+        if whole is None and problem.compiled is not None and not first:
+            problem.compiled.ready(problem, differentiable)
         if not differentiable or first == problem.steps:
             return {k: v.detach() for k, v in params.items()}, state.with_tensors([x.detach() for x in state.tensors()])
         return (_watch_outputs(params) if watch else params), state
